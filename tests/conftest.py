@@ -1,0 +1,97 @@
+"""Shared fixtures: synthetic Fashion-MNIST-shaped IDX files and a CLI runner.
+
+The data is made here, never downloaded: 60,000 + 10,000 28x28 uint8 images
+whose class is drawn as a bright horizontal bar at a class-dependent row, so a
+tiny network learns it in one epoch. Full-size files keep the program's shape
+checks honest; a tiny network (--filters 4) keeps the runs fast.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "ConvolutionalNN.py"
+REAL_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+# A small, fast network and run for CLI tests.
+TINY = ["--filters", "4", "--dense-units", "8", "--limit", "640", "--batch-size", "32", "--epochs", "1"]
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_gz(path: Path, array: np.ndarray) -> None:
+    """Write a gzipped IDX file."""
+    path.write_bytes(gzip.compress(idx_bytes(array), compresslevel=1))
+
+
+def synthetic_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images with a bar at row 2 + 2*label, plus a little noise, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(10, dtype=np.uint8), count // 10)
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(count, 28, 28), dtype=np.uint8)
+    rows = 2 + 2 * labels.astype(int)
+    images[np.arange(count), rows, 4:24] = 220
+    images[np.arange(count), rows + 1, 4:24] = 220
+    return images, labels
+
+
+def write_dataset(folder: Path) -> dict[str, np.ndarray]:
+    """Write the four synthetic IDX files into folder; return the arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = synthetic_split(60_000, seed=1)
+    x_test, y_test = synthetic_split(10_000, seed=2)
+    arrays = {"train_images": x_train, "train_labels": y_train, "test_images": x_test, "test_labels": y_test}
+    for key, name in FILES.items():
+        write_idx_gz(folder / name, arrays[key])
+    return arrays
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the four synthetic Fashion-MNIST-shaped files."""
+    folder = tmp_path_factory.mktemp("fashion")
+    write_dataset(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def test_arrays(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic test images and labels, as the program reads them."""
+    x, y = synthetic_split(10_000, seed=2)
+    return x, y
+
+
+def run_cli(*args: str | os.PathLike, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ConvolutionalNN.py as a user would, capturing its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], check=False, cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, object]:
+    """One tiny CLI training run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("run")
+    proc = run_cli("--data-dir", data_dir, "--plots-dir", out / "plots", "--model-path", out / "model.keras",
+                   *TINY, "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    return {"dir": out, "plots": out / "plots", "model": out / "model.keras", "proc": proc}

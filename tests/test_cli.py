@@ -1,0 +1,149 @@
+"""The training CLI as a user drives it: flags, outputs, reloading, seeds, failures."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ConvolutionalNN as cnn
+from conftest import FILES, TINY, run_cli
+
+OUTPUTS = ["accuracy.png", "loss.png", "confusion_matrix.png", "predictions.png", "architecture.png",
+           "history.csv", "metrics.json"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "two"], "not a whole number"),
+    (["--lr", "-0.1"], "above 0"),
+    (["--lr", "nan"], "above 0"),
+    (["--val-split", "1"], "between 0 and 1"),
+    (["--val-split", "0"], "between 0 and 1"),
+    (["--limit", "10"], "smaller than one batch"),
+    (["--batch-size", "0"], "at least 1"),
+    (["--model-path", "model.h5"], "must end in .keras"),
+    (["--padding", "valid", "--kernel-size", "13"], "leaves no pixels"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--json"], "only applies to --predict"),
+])
+def test_bad_flags_exit_2_with_one_line(flags: list[str], message: str) -> None:
+    proc = run_cli(*flags)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_flag_with_defaults() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for flag in ("--epochs", "--lr", "--batch-size", "--val-split", "--seed", "--data-dir", "--plots-dir",
+                 "--model-path", "--limit", "--predict", "--json"):
+        assert flag in proc.stdout
+    assert "default: 20" in proc.stdout and "0.001" in proc.stdout
+
+
+def test_default_config_matches_the_documented_network() -> None:
+    cfg = cnn.parse_args([])
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.val_split, cfg.filters, cfg.kernel_size) == \
+        (0.001, 20, 128, 0.2, 128, 3)
+
+
+def test_network_layer_stack() -> None:
+    model = cnn.build_model(cnn.Config(), 0.001, steps_per_epoch=10)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Rescaling", "Conv2D", "MaxPooling2D", "Dropout", "Conv2D", "MaxPooling2D", "Dropout",
+                     "Flatten", "Dense", "Dropout", "Dense"]
+    convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    assert all(c.filters == 128 and c.kernel_size == (3, 3) for c in convs)
+    assert tuple(model.output.shape) == (None, 10)
+    assert model.layers[-1].dtype_policy.compute_dtype == "float32"
+    probs = np.asarray(model.predict(np.zeros((2, 28, 28, 1), np.uint8), verbose=0))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_one_epoch_run_writes_every_output(trained: dict) -> None:
+    plots: Path = trained["plots"]
+    for name in OUTPUTS:
+        assert (plots / name).stat().st_size > 0, name
+        assert (plots / name).stat().st_mode & 0o044, f"{name} should be readable by others like any output"
+    assert not list(plots.glob(".*tmp*")), "no temporary files may be left behind"
+    for png in OUTPUTS[:5]:
+        assert (plots / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((plots / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert set(metrics["per_class_test_accuracy"]) == set(cnn.CLASS_NAMES)
+    assert metrics["config"]["filters"] == 4 and metrics["seed"] == 0
+    assert len(metrics["history"]["val_loss"]) == 2 == metrics["epochs_completed"]
+    assert metrics["versions"]["keras"].startswith("3")
+    assert metrics["training_seconds"] > 0 and metrics["interrupted"] is False
+    rows = list(csv.DictReader((plots / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["val_loss"]) == pytest.approx(metrics["history"]["val_loss"][1], abs=1e-5)
+    out = trained["proc"].stdout
+    assert "Test accuracy:" in out and "Ankle boot" in out and "T-shirt/top" in out
+
+
+def test_saved_model_reloads_to_the_same_accuracy(trained: dict, test_arrays) -> None:
+    import keras
+
+    metrics = json.loads((trained["plots"] / "metrics.json").read_text())
+    model = keras.models.load_model(trained["model"])
+    x, y = test_arrays
+    _, accuracy = model.evaluate(x[..., None], y, batch_size=512, verbose=0)
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert metrics["test_accuracy"] > 0.5, "the tiny network should learn the synthetic bars"
+
+
+def test_same_seed_gives_the_same_validation_curve(tmp_path: Path, data_dir: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        proc = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path / name, "--model-path",
+                       tmp_path / f"{name}.keras", *TINY, "--epochs", "2", "--seed", "7")
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert runs[0]["history"] == runs[1]["history"]
+    assert runs[0]["test_accuracy"] == runs[1]["test_accuracy"]
+
+
+def test_keras_datasets_path_uses_a_prefilled_cache(tmp_path: Path, data_dir: Path) -> None:
+    cache = tmp_path / "keras_home" / "datasets" / "fashion-mnist"
+    cache.mkdir(parents=True)
+    for name in FILES.values():
+        shutil.copy(data_dir / name, cache / name)
+    proc = run_cli("--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras", *TINY,
+                   env={"KERAS_HOME": str(tmp_path / "keras_home")})
+    assert proc.returncode == 0, proc.stderr
+    assert "Data: 512 training, 128 validation, 10000 test images" in proc.stdout
+    assert (tmp_path / "p" / "metrics.json").exists()
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_failed_run_leaves_earlier_outputs_untouched(tmp_path: Path, trained: dict, data_dir: Path) -> None:
+    plots = tmp_path / "plots"
+    shutil.copytree(trained["plots"], plots)
+    model = tmp_path / "models" / "m.keras"
+    model.parent.mkdir()
+    shutil.copy(trained["model"], model)
+    before = digest(plots), digest(model.parent)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    # The model folder cannot be created: the run must fail before touching the plots.
+    proc = run_cli("--data-dir", data_dir, "--plots-dir", plots, "--model-path", blocker / "m.keras", *TINY)
+    assert proc.returncode == 1
+    assert "cannot write to" in proc.stderr and "Traceback" not in proc.stderr
+    # Broken data: the run must fail without touching the model or plots.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    proc = run_cli("--data-dir", bad, "--plots-dir", plots, "--model-path", model, *TINY)
+    assert proc.returncode == 1
+    assert (digest(plots), digest(model.parent)) == before

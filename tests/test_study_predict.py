@@ -1,0 +1,157 @@
+"""The learning-rate study and --predict on your own images, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import ConvolutionalNN as cnn
+from conftest import TINY, run_cli
+
+
+def test_study_over_three_rates_marks_divergence_and_recommends_by_val_loss(tmp_path: Path, data_dir: Path) -> None:
+    plots, model = tmp_path / "plots", tmp_path / "m.keras"
+    proc = run_cli("--data-dir", data_dir, "--plots-dir", plots, "--model-path", model, *TINY,
+                   "--epochs", "2", "--schedule", "constant", "--lr", "1e12", "0.01", "0.001")
+    assert proc.returncode == 0, proc.stderr
+    assert "rate 1 of 3: lr=1e+12" in proc.stdout and "rate 3 of 3: lr=0.001" in proc.stdout
+    study = json.loads((plots / "lr_study.json").read_text())
+    rows = {r["lr"]: r for r in study["rates"]}
+    assert list(rows) == [1e12, 0.01, 0.001]
+    assert rows[1e12]["diverged"] is True
+    assert not rows[0.01]["diverged"] and not rows[0.001]["diverged"]
+    healthy = [rows[0.01], rows[0.001]]
+    best = min(healthy, key=lambda r: r["best_val_loss"])
+    assert study["recommended_lr"] == best["lr"]
+    assert all(r["epochs_completed"] == 2 and r["training_seconds"] > 0 for r in healthy)
+    table = proc.stdout[proc.stdout.index("best val loss"):]
+    assert "diverged" in table and "recommended" in table
+    assert f"Recommended learning rate: {best['lr']:g}" in proc.stdout
+    assert (plots / "lr_study.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((plots / "metrics.json").read_text())
+    assert metrics["learning_rate"] == best["lr"]
+    assert model.exists() and (plots / "confusion_matrix.png").exists()
+
+
+def test_a_single_diverging_run_says_to_lower_the_rate(tmp_path: Path, data_dir: Path) -> None:
+    proc = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras",
+                   *TINY, "--lr", "1e12", "--schedule", "constant")
+    assert proc.returncode == 3
+    assert "smaller --lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def save_image(path: Path, image: Image.Image) -> Path:
+    image.save(path)
+    return path
+
+
+def shirt_like(size: tuple[int, int], mode: str, dark_on_light: bool) -> Image.Image:
+    """A drawn bar image in the synthetic data's style at any size and mode."""
+    w, h = size
+    arr = np.zeros((h, w), np.uint8)
+    arr[h // 3: h // 3 + max(1, h // 14), w // 7: w - w // 7] = 220
+    if dark_on_light:
+        arr = 255 - arr
+    img = Image.fromarray(arr, "L")
+    return img.convert(mode)
+
+
+def test_predict_classifies_png_and_jpeg_of_any_size_and_mode(tmp_path: Path, trained: dict) -> None:
+    files = [
+        save_image(tmp_path / "gray.png", shirt_like((28, 28), "L", False)),
+        save_image(tmp_path / "big_rgb.jpg", shirt_like((300, 200), "RGB", True)),
+        save_image(tmp_path / "rgba.png", shirt_like((64, 96), "RGBA", True)),
+        save_image(tmp_path / "palette.png", shirt_like((50, 50), "P", False)),
+    ]
+    proc = run_cli("--predict", *files, "--model-path", trained["model"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert [r["file"] for r in results] == [str(f) for f in files]
+    for r in results:
+        assert r["class"] in cnn.CLASS_NAMES
+        assert len(r["top3"]) == 3 and r["top3"][0]["class"] == r["class"]
+        probs = [t["probability"] for t in r["top3"]]
+        assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
+    assert [r["inverted"] for r in results] == [False, True, True, False]
+    text = run_cli("--predict", files[1], "--model-path", trained["model"])
+    assert text.returncode == 0
+    assert "inverted" in text.stdout and "big_rgb.jpg:" in text.stdout
+
+
+def test_predict_preprocessing_keeps_aspect_ratio(tmp_path: Path) -> None:
+    wide = np.zeros((20, 80), np.uint8)
+    wide[1:-1, 1:-1] = 200  # a light 4:1 object on a dark background
+    pixels, inverted = cnn.to_network_input(save_image(tmp_path / "wide.png", Image.fromarray(wide)))
+    assert not inverted and pixels.shape == (28, 28) and pixels.dtype == np.uint8
+    filled_rows = np.flatnonzero(pixels.max(axis=1) > 100)
+    assert 5 <= len(filled_rows) <= 9, "a 4:1 image must stay about 4:1, padded, not stretched"
+
+
+def test_predict_reports_bad_files_and_still_classifies_the_rest(tmp_path: Path, trained: dict) -> None:
+    good = save_image(tmp_path / "good.png", shirt_like((28, 28), "L", False))
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not an image")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    proc = run_cli("--predict", text_file, good, empty, tmp_path / "missing.png", "--model-path", trained["model"])
+    assert proc.returncode == 1
+    assert "good.png:" in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    assert any("notes.png" in e for e in errors) and any("empty.jpg" in e for e in errors)
+    assert any("missing.png" in e for e in errors)
+    assert "Traceback" not in proc.stderr
+
+
+def test_predict_accepts_a_folder(tmp_path: Path, trained: dict) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        save_image(folder / f"{i}.png", shirt_like((40 + i, 30), "L", False))
+    (folder / "README.txt").write_text("ignored")
+    proc = run_cli("--predict", folder, "--model-path", trained["model"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 3
+
+
+def test_predict_without_a_model_says_how_to_train(tmp_path: Path) -> None:
+    img = save_image(tmp_path / "x.png", shirt_like((28, 28), "L", False))
+    proc = run_cli("--predict", img, "--model-path", tmp_path / "none.keras")
+    assert proc.returncode == 1
+    assert "no trained model" in proc.stderr and "python3 ConvolutionalNN.py" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_predict_refuses_a_corrupt_model(tmp_path: Path) -> None:
+    img = save_image(tmp_path / "x.png", shirt_like((28, 28), "L", False))
+    model = tmp_path / "broken.keras"
+    model.write_bytes(b"PK\x03\x04 not really a zip")
+    proc = run_cli("--predict", img, "--model-path", model)
+    assert proc.returncode == 1
+    assert "cannot load the model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_exported_test_images_predict_like_the_arrays(tmp_path: Path, trained: dict, test_arrays) -> None:
+    import keras
+
+    x, _ = test_arrays
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    for i in range(100):
+        Image.fromarray(x[i]).save(folder / f"{i:03d}.png")
+    proc = run_cli("--predict", folder, "--model-path", trained["model"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    from_files = [r["class"] for r in json.loads(proc.stdout)]
+    model = keras.models.load_model(trained["model"])
+    from_arrays = [cnn.CLASS_NAMES[k] for k in model.predict(x[:100, :, :, None], verbose=0).argmax(axis=1)]
+    assert from_files == from_arrays
+
+
+def test_predict_needs_images(tmp_path: Path, trained: dict) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    proc = run_cli("--predict", folder, "--model-path", trained["model"])
+    assert proc.returncode == 1 and "no images" in proc.stderr

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -97,6 +98,7 @@ class Config:
     model_path: Path = Path("models/fashion_cnn.keras")  # the trained model
     predict: tuple[Path, ...] = ()    # images or folders to classify with the saved model
     json_output: bool = False         # print --predict results as JSON
+    resume: bool = False              # continue the unfinished run saved beside --model-path
 
     @property
     def lr(self) -> float:
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", type=Path, default=d.model_path, help="trained model (.keras)")
     p.add_argument("--predict", type=Path, nargs="+", default=[], metavar="IMAGE",
                    help="classify these images (or every image in these folders) with --model-path")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted or killed run from its last finished epoch (same flags)")
     p.add_argument("--json", dest="json_output", action="store_true", help="print --predict results as JSON")
     return p
 
@@ -200,6 +204,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error(f"--limit {a.limit} is smaller than one batch (--batch-size {a.batch_size})")
     if feature_side(a.kernel_size, a.padding) < 1:
         parser.error(f"--kernel-size {a.kernel_size} with --padding valid leaves no pixels; use a smaller kernel")
+    if a.resume and (a.predict or len(a.lr) > 1):
+        parser.error("--resume applies to a single training run, not to --predict or a study")
     if a.json_output and not a.predict:
         parser.error("--json only applies to --predict")
     return Config(
@@ -208,6 +214,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         kernel_size=a.kernel_size, padding=a.padding, dense_units=a.dense_units,
         dropout=a.dropout, data_dir=a.data_dir, plots_dir=a.plots_dir,
         model_path=a.model_path, predict=tuple(a.predict), json_output=a.json_output,
+        resume=a.resume,
     )
 
 
@@ -417,34 +424,136 @@ def has_non_finite(history: dict[str, list[float]]) -> bool:
     return any(not math.isfinite(v) for key in ("loss", "val_loss") for v in history.get(key, []))
 
 
+def resume_dir(cfg: Config) -> Path:
+    """Where an unfinished run keeps what --resume needs (beside the model)."""
+    return cfg.model_path.with_name(f".{cfg.model_path.stem}.resume")
+
+
+def run_identity(cfg: Config, lr: float) -> dict[str, Any]:
+    """The settings that shape the model, the data or the schedule: a resume must match them all."""
+    return {"data": str(cfg.data_dir) if cfg.data_dir else "keras.datasets", "limit": cfg.limit,
+            "val_split": cfg.val_split, "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "lr": lr, "schedule": cfg.schedule, "filters": cfg.filters, "kernel_size": cfg.kernel_size,
+            "padding": cfg.padding, "dense_units": cfg.dense_units, "dropout": cfg.dropout}
+
+
+@dataclasses.dataclass
+class RunState:
+    """Progress of a run as saved after every epoch: enough to resume it."""
+
+    identity: dict[str, Any]
+    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    best_epoch: int | None = None        # 1-based
+    best_value: float | None = None      # BEST_MONITOR at best_epoch
+    best_weights: list[np.ndarray] | None = None
+
+    def save(self, folder: Path) -> None:
+        """Write the best weights, then the JSON that points at them, each atomically."""
+        if self.best_weights is not None:
+            with atomic_path(folder / "best_weights.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, *self.best_weights)
+        meta = {"identity": self.identity, "history": self.history,
+                "best_epoch": self.best_epoch, "best_value": self.best_value}
+        write_json(folder / "state.json", meta)
+
+    @classmethod
+    def load(cls, folder: Path) -> RunState:
+        """Read a saved state, or say there is nothing to resume."""
+        try:
+            meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            weights = None
+            if meta["best_epoch"] is not None:
+                with np.load(folder / "best_weights.npz") as npz:
+                    weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+        except FileNotFoundError:
+            raise UserError(f"nothing to resume at {folder}: no unfinished run with this --model-path; "
+                            "run without --resume") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"the resume state in {folder} is damaged ({first_line(e)}); "
+                            "run without --resume to start afresh") from None
+        history = {k: [math.nan if v is None else v for v in vs] for k, vs in meta["history"].items()}
+        return cls(meta["identity"], history, meta["best_epoch"], meta["best_value"], weights)
+
+
+def resume_state(cfg: Config, lr: float) -> RunState:
+    """A fresh state, or (with --resume) the saved one after checking that nothing that matters changed."""
+    folder, identity = resume_dir(cfg), run_identity(cfg, lr)
+    if not cfg.resume:
+        if folder.exists():
+            print(f"Note: starting afresh; discarding the unfinished run saved in {folder}")
+            shutil.rmtree(folder)
+        return RunState(identity)
+    state = RunState.load(folder)
+    changed = [f"{k} was {state.identity.get(k)!r}, now {v!r}" for k, v in identity.items()
+               if state.identity.get(k) != v]
+    if changed:
+        raise UserError(f"cannot resume with different settings ({'; '.join(changed)}); "
+                        "use the original flags, or run without --resume to start afresh")
+    print(f"Resuming after epoch {len(state.history.get('loss', []))} of {cfg.epochs} from {folder}")
+    return state
+
+
+def journal_callback(state: RunState, folder: Path) -> Any:
+    """A Keras callback that keeps the best epoch's weights and saves the run's state after every epoch.
+
+    EarlyStopping(restore_best_weights=True) does the first half, but forgets
+    everything on a resumed fit(); this keeps it in `state`, on disk.
+    """
+    import keras
+
+    class Journal(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            # A kill between this journal's save and BackupAndRestore's makes Keras redo an epoch.
+            for values in state.history.values():
+                del values[epoch:]
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            for key, value in (logs or {}).items():
+                state.history.setdefault(key, []).append(float(value))
+            value = (logs or {}).get(BEST_MONITOR)
+            if value is not None and math.isfinite(value) and (state.best_value is None or value > state.best_value):
+                state.best_epoch, state.best_value = epoch + 1, float(value)
+                state.best_weights = self.model.get_weights()
+            state.save(folder)
+
+    return Journal()
+
+
 def train(cfg: Config, data: Dataset, lr: float) -> TrainResult:
-    """Train a fresh model at learning rate lr; keep the best epoch's weights."""
+    """Train a model at learning rate lr (or resume one); end with the best epoch's weights."""
     import keras
 
     seed_everything(cfg.seed)
+    state = resume_state(cfg, lr)
+    folder = resume_dir(cfg)
     steps = math.ceil(len(data.y_train) / cfg.batch_size)
     model = build_model(cfg, lr, steps)
-    best = keras.callbacks.EarlyStopping(monitor=BEST_MONITOR, mode="max", patience=cfg.epochs,
-                                         restore_best_weights=True)
-    history = keras.callbacks.History()
+    callbacks = [
+        journal_callback(state, folder),  # before BackupAndRestore: see Journal.on_epoch_begin
+        keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
+        keras.callbacks.TerminateOnNaN(),
+    ]
     started = time.perf_counter()
     interrupted_by = None
     with stop_requests() as received:
         try:
             model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
                       epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose="auto",
-                      callbacks=[history, best, keras.callbacks.TerminateOnNaN(), interrupt_callback(received)])
+                      callbacks=[*callbacks, interrupt_callback(received)])
         except TrainingInterrupted as stop:
             interrupted_by = stop.signum
-            if best.best_weights is not None:
-                model.set_weights(best.best_weights)
+        except (OSError, ValueError) as e:
+            if not cfg.resume:
+                raise
+            raise UserError(f"cannot restore the saved run from {folder} ({first_line(e)}); "
+                            "run without --resume to start afresh") from None
     seconds = time.perf_counter() - started
-    logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    diverged = has_non_finite(logs)
-    if diverged and best.best_weights is not None:
-        model.set_weights(best.best_weights)  # TerminateOnNaN skips on_train_end's restore
-    best_epoch = None if best.best_weights is None else best.best_epoch + 1
-    return TrainResult(model, lr, logs, best_epoch, seconds, diverged, interrupted_by)
+    if state.best_weights is not None:
+        model.set_weights(state.best_weights)
+    if interrupted_by is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return TrainResult(model, lr, state.history, state.best_epoch, seconds, has_non_finite(state.history),
+                       interrupted_by)
 
 
 # ----------------------------------------------------------------------------
@@ -665,6 +774,7 @@ def config_dict(cfg: Config) -> dict[str, Any]:
     out["lrs"] = list(cfg.lrs)
     out.pop("predict")
     out.pop("json_output")
+    out.pop("resume")
     return out
 
 
@@ -736,8 +846,8 @@ def finish_run(cfg: Config, data: Dataset, result: TrainResult) -> int:
     print(f"Kept epoch {result.best_epoch} of {done} (best {BEST_MONITOR}); "
           f"model: {cfg.model_path}; plots and metrics: {cfg.plots_dir}/")
     if result.interrupted_by is not None:
-        print(f"Interrupted after {done} of {cfg.epochs} epochs; the best weights so far were saved.",
-              file=sys.stderr)
+        print(f"Interrupted after {done} of {cfg.epochs} epochs; the best weights so far were saved. "
+              "To continue, run the same command with --resume.", file=sys.stderr)
         return signal_exit_code(result.interrupted_by)
     if result.diverged:
         print(f"error: the loss became NaN or infinite at learning rate {result.lr:g}; "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPT, TINY
+from conftest import SCRIPT, TINY, run_cli
 
 
 def start_cli(*args: str | os.PathLike) -> subprocess.Popen[str]:
@@ -65,3 +65,41 @@ def test_signal_before_any_epoch_writes_nothing(tmp_path: Path, data_dir: Path) 
     assert proc.returncode == 130
     assert "Traceback" not in stderr
     assert not model.exists() and not (plots / "metrics.json").exists()
+
+
+def interrupted_run(tmp_path: Path, data_dir: Path, at_epoch: int, signum: int) -> list[str]:
+    """Start a 4-epoch run, send signum once epoch at_epoch has begun; return the flags used."""
+    flags = ["--data-dir", str(data_dir), "--plots-dir", str(tmp_path / "plots"),
+             "--model-path", str(tmp_path / "m.keras"), *TINY, "--limit", "6400", "--epochs", "4"]
+    proc = start_cli(*flags)
+    wait_for_line(proc, f"Epoch {at_epoch}/4")
+    if signum == signal.SIGKILL:
+        time.sleep(0.5)  # be inside the epoch, not at its start
+    proc.send_signal(signum)
+    proc.communicate(timeout=120)
+    assert proc.returncode in (130, -signal.SIGKILL)
+    return flags
+
+
+@pytest.mark.parametrize(("signum", "at_epoch"), [(signal.SIGINT, 2), (signal.SIGKILL, 3)])
+def test_resume_finishes_the_run_without_gaps(tmp_path: Path, data_dir: Path, signum: int, at_epoch: int) -> None:
+    flags = interrupted_run(tmp_path, data_dir, at_epoch, signum)
+    proc = run_cli(*flags, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Resuming after epoch {at_epoch - 1} of 4" in proc.stdout
+    assert f"Epoch {at_epoch}/4" in proc.stdout and "Epoch 1/4" not in proc.stdout
+    metrics = json.loads((tmp_path / "plots" / "metrics.json").read_text())
+    assert metrics["epochs_completed"] == 4 and metrics["interrupted"] is False
+    assert all(len(v) == 4 and None not in v for v in metrics["history"].values())
+    assert metrics["test_accuracy"] > 0.5
+    assert not (tmp_path / ".m.resume").exists(), "a finished run leaves no resume state"
+    again = run_cli(*flags, "--resume")
+    assert again.returncode == 1 and "nothing to resume" in again.stderr
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    flags = interrupted_run(tmp_path, data_dir, 2, signal.SIGINT)
+    proc = run_cli(*flags, "--filters", "8", "--lr", "0.01", "--resume")
+    assert proc.returncode == 1
+    assert "filters was 4, now 8" in proc.stderr and "lr was 0.001, now 0.01" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

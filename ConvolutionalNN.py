@@ -711,7 +711,8 @@ def plot_predictions(data: Dataset, predicted: np.ndarray, path: Path, count: in
         title = f"{CLASS_NAMES[predicted[i]]}\n(true: {CLASS_NAMES[data.y_test[i]]})" if wrong \
             else CLASS_NAMES[predicted[i]]
         ax.set_title(title, fontsize=8, color="red" if wrong else "black")
-    fig.suptitle("First test images: predicted class (mistakes in red, true class below)")
+    fig.tight_layout()
+    fig.suptitle("First test images: predicted class (mistakes in red, true class below)", y=1.02)
     save_figure(fig, path)
 
 
@@ -722,18 +723,18 @@ def plot_architecture(model: Any, path: Path) -> None:
     Graphviz program that pip cannot install.
     """
     plt = pyplot()
-    rows = [("image (input)", f"{(None, IMAGE_SIDE, IMAGE_SIDE, 1)}", "uint8", "")]
+    rows = [("image (Input, uint8)", str((None, IMAGE_SIDE, IMAGE_SIDE, 1)), "")]
     rows += [(f"{layer.name} ({type(layer).__name__})", str(layer.output.shape),
-              "", f"{layer.count_params():,} params") for layer in model.layers]
+              f"{layer.count_params():,} params") for layer in model.layers]
     fig, ax = plt.subplots(figsize=(7, 0.62 * len(rows) + 0.6))
     ax.set_xlim(0, 1)
     ax.set_ylim(-len(rows) + 0.4, 0.8)
     ax.axis("off")
-    for i, (name, shape, dtype, params) in enumerate(rows):
+    for i, (name, shape, params) in enumerate(rows):
         y = -i
         ax.add_patch(plt.Rectangle((0.12, y - 0.3), 0.76, 0.6, facecolor="#dbe9f6", edgecolor="#34618c"))
         ax.text(0.15, y, name, va="center", fontsize=9, weight="bold")
-        ax.text(0.62, y, f"{shape} {dtype}".strip(), va="center", fontsize=8, family="monospace")
+        ax.text(0.60, y, shape, va="center", fontsize=8, family="monospace")
         ax.text(0.90, y, params, va="center", fontsize=7, color="#555555")
         if i:
             ax.annotate("", xy=(0.5, y + 0.3), xytext=(0.5, y + 0.7), arrowprops={"arrowstyle": "->"})

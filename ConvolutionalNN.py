@@ -669,6 +669,13 @@ def pyplot() -> Any:
     return plt
 
 
+def integer_ticks() -> Any:
+    """A tick locator for epoch axes: whole numbers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def plot_curves(history: dict[str, list[float]], metric: str, best_epoch: int | None, path: Path) -> None:
     """Training and validation `metric` per epoch, with the kept epoch marked."""
     plt = pyplot()
@@ -679,6 +686,7 @@ def plot_curves(history: dict[str, list[float]], metric: str, best_epoch: int | 
     if best_epoch:
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept epoch {best_epoch}")
     ax.set(xlabel="epoch", ylabel=metric, title=f"Fashion-MNIST CNN: {metric} per epoch")
+    ax.xaxis.set_major_locator(integer_ticks())
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
@@ -926,6 +934,7 @@ def plot_study(results: list[TrainResult], path: Path) -> None:
             ax.plot([len(epochs)], [ax.get_ylim()[1]], "x", color=color, markersize=10)
     ax.set(xlabel="epoch", ylabel="loss (cross-entropy)", yscale="log",
            title="Effect of the learning rate (solid: validation, dashed: training)")
+    ax.xaxis.set_major_locator(integer_ticks())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     save_figure(fig, path)

@@ -250,6 +250,8 @@ def read_idx(path: Path) -> np.ndarray:
             raw = f.read()
     except FileNotFoundError:
         raise UserError(f"missing data file {path}; the folder needs {', '.join(IDX_FILES.values())}") from None
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied") from None
     except (gzip.BadGzipFile, EOFError, OSError) as e:
         raise UserError(f"cannot read {path} as gzip ({e}); re-download the original Fashion-MNIST file") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
@@ -446,13 +448,14 @@ class RunState:
     best_epoch: int | None = None        # 1-based
     best_value: float | None = None      # BEST_MONITOR at best_epoch
     best_weights: list[np.ndarray] | None = None
+    seconds: float = 0.0                 # training time of the finished epochs, across resumes
 
     def save(self, folder: Path) -> None:
         """Write the best weights, then the JSON that points at them, each atomically."""
         if self.best_weights is not None:
             with atomic_path(folder / "best_weights.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, *self.best_weights)
-        meta = {"identity": self.identity, "history": self.history,
+        meta = {"identity": self.identity, "history": self.history, "seconds": self.seconds,
                 "best_epoch": self.best_epoch, "best_value": self.best_value}
         write_json(folder / "state.json", meta)
 
@@ -472,7 +475,7 @@ class RunState:
             raise UserError(f"the resume state in {folder} is damaged ({first_line(e)}); "
                             "run without --resume to start afresh") from None
         history = {k: [math.nan if v is None else v for v in vs] for k, vs in meta["history"].items()}
-        return cls(meta["identity"], history, meta["best_epoch"], meta["best_value"], weights)
+        return cls(meta["identity"], history, meta["best_epoch"], meta["best_value"], weights, meta["seconds"])
 
 
 def resume_state(cfg: Config, lr: float) -> RunState:
@@ -502,6 +505,9 @@ def journal_callback(state: RunState, folder: Path) -> Any:
     import keras
 
     class Journal(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.seconds_before, self.started = state.seconds, time.perf_counter()
+
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             # A kill between this journal's save and BackupAndRestore's makes Keras redo an epoch.
             for values in state.history.values():
@@ -514,6 +520,7 @@ def journal_callback(state: RunState, folder: Path) -> Any:
             if value is not None and math.isfinite(value) and (state.best_value is None or value > state.best_value):
                 state.best_epoch, state.best_value = epoch + 1, float(value)
                 state.best_weights = self.model.get_weights()
+            state.seconds = self.seconds_before + time.perf_counter() - self.started
             state.save(folder)
 
     return Journal()
@@ -533,7 +540,6 @@ def train(cfg: Config, data: Dataset, lr: float) -> TrainResult:
         keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
         keras.callbacks.TerminateOnNaN(),
     ]
-    started = time.perf_counter()
     interrupted_by = None
     with stop_requests() as received:
         try:
@@ -547,12 +553,11 @@ def train(cfg: Config, data: Dataset, lr: float) -> TrainResult:
                 raise
             raise UserError(f"cannot restore the saved run from {folder} ({first_line(e)}); "
                             "run without --resume to start afresh") from None
-    seconds = time.perf_counter() - started
     if state.best_weights is not None:
         model.set_weights(state.best_weights)
     if interrupted_by is None:
         shutil.rmtree(folder, ignore_errors=True)
-    return TrainResult(model, lr, state.history, state.best_epoch, seconds, has_non_finite(state.history),
+    return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, has_non_finite(state.history),
                        interrupted_by)
 
 
@@ -777,6 +782,16 @@ def machine_summary() -> dict[str, Any]:
             "cpu_count": os.cpu_count()}
 
 
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kilobytes / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def config_dict(cfg: Config) -> dict[str, Any]:
     """The configuration as JSON-friendly values."""
     out = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
@@ -825,6 +840,7 @@ def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evalu
         "interrupted": result.interrupted_by is not None,
         "diverged": result.diverged,
         "training_seconds": round(result.seconds, 2),
+        "peak_memory_mb": peak_memory_mb(),
         "train_images": len(data.y_train),
         "validation_images": len(data.y_val),
         "test_images": len(data.y_test),
@@ -995,7 +1011,7 @@ def to_network_input(path: Path) -> tuple[np.ndarray, bool]:
 
     try:
         with Image.open(path) as img:
-            img.load()
+            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -155,3 +155,15 @@ def test_predict_needs_images(tmp_path: Path, trained: dict) -> None:
     folder.mkdir()
     proc = run_cli("--predict", folder, "--model-path", trained["model"])
     assert proc.returncode == 1 and "no images" in proc.stderr
+
+
+def test_predict_follows_exif_rotation(tmp_path: Path) -> None:
+    wide = np.zeros((20, 80), np.uint8)
+    wide[1:-1, 1:-1] = 200
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display", as phones write it
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(wide).save(path, exif=exif)
+    pixels, _ = cnn.to_network_input(path)
+    filled_cols = np.flatnonzero(pixels.max(axis=0) > 100)
+    assert 4 <= len(filled_cols) <= 9, "the displayed image is tall, so the object must be narrow"

@@ -578,14 +578,16 @@ class Evaluation:
 
 def evaluate(model: Any, data: Dataset, batch_size: int) -> Evaluation:
     """Evaluate on the test set: loss, accuracy, per-class accuracy, confusion matrix."""
-    from sklearn.metrics import confusion_matrix
+    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
 
-    loss, accuracy = model.evaluate(data.x_test, data.y_test, batch_size=max(batch_size, 512), verbose=0)
-    predicted = model.predict(data.x_test, batch_size=max(batch_size, 512), verbose=0).argmax(axis=1)
-    confusion = confusion_matrix(data.y_test, predicted, labels=range(len(CLASS_NAMES)))
+    labels = range(len(CLASS_NAMES))
+    probabilities = model.predict(data.x_test, batch_size=max(batch_size, 512), verbose=0)
+    predicted = probabilities.argmax(axis=1)
+    confusion = confusion_matrix(data.y_test, predicted, labels=labels)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-    return Evaluation(float(loss), float(accuracy), dict(zip(CLASS_NAMES, map(float, per_class))),
-                      confusion, predicted)
+    return Evaluation(float(log_loss(data.y_test, probabilities, labels=labels)),
+                      float(accuracy_score(data.y_test, predicted)),
+                      dict(zip(CLASS_NAMES, map(float, per_class))), confusion, predicted)
 
 
 def print_evaluation(ev: Evaluation) -> None:

@@ -99,7 +99,7 @@ def test_resume_finishes_the_run_without_gaps(tmp_path: Path, data_dir: Path, si
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path, data_dir: Path) -> None:
     flags = interrupted_run(tmp_path, data_dir, 2, signal.SIGINT)
-    proc = run_cli(*flags, "--filters", "8", "--lr", "0.01", "--resume")
+    proc = run_cli(*flags, "--filters", "8", "--lr", "0.003", "--resume")
     assert proc.returncode == 1
-    assert "filters was 4, now 8" in proc.stderr and "lr was 0.001, now 0.01" in proc.stderr
+    assert "filters was 4, now 8" in proc.stderr and "lr was 0.01, now 0.003" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -514,10 +514,12 @@ def journal_callback(state: RunState, folder: Path) -> Any:
                 del values[epoch:]
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            for key, value in (logs or {}).items():
+            logs = logs or {}
+            for key, value in logs.items():
                 state.history.setdefault(key, []).append(float(value))
-            value = (logs or {}).get(BEST_MONITOR)
-            if value is not None and math.isfinite(value) and (state.best_value is None or value > state.best_value):
+            value = logs.get(BEST_MONITOR)
+            healthy = all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "val_loss"))
+            if healthy and value is not None and (state.best_value is None or value > state.best_value):
                 state.best_epoch, state.best_value = epoch + 1, float(value)
                 state.best_weights = self.model.get_weights()
             state.seconds = self.seconds_before + time.perf_counter() - self.started
@@ -863,8 +865,12 @@ def finish_run(cfg: Config, data: Dataset, result: TrainResult) -> int:
     """Evaluate (unless stopped early), write the outputs and pick the exit code."""
     done = len(result.history.get("loss", []))
     if result.best_epoch is None:
-        print("No epoch finished; nothing was written and earlier outputs are untouched.", file=sys.stderr)
-        return signal_exit_code(result.interrupted_by) if result.interrupted_by else EXIT_DIVERGED
+        if result.interrupted_by is not None:
+            print("No epoch finished; nothing was written and earlier outputs are untouched.", file=sys.stderr)
+            return signal_exit_code(result.interrupted_by)
+        print(f"error: the loss became NaN or infinite at learning rate {result.lr:g} before any epoch finished; "
+              "nothing was written. Try a smaller --lr.", file=sys.stderr)
+        return EXIT_DIVERGED
     ev = None
     if result.interrupted_by is None:
         ev = evaluate(result.model, data, cfg.batch_size)

@@ -62,7 +62,7 @@ def test_network_layer_stack() -> None:
                      "Flatten", "Dense", "Dropout", "Dense"]
     convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
     assert all(c.filters == 128 and c.kernel_size == (3, 3) for c in convs)
-    assert tuple(model.output.shape) == (None, 10)
+    assert tuple(model.compute_output_shape((None, 28, 28, 1))) == (None, 10)
     assert model.layers[-1].dtype_policy.compute_dtype == "float32"
     probs = np.asarray(model.predict(np.zeros((2, 28, 28, 1), np.uint8), verbose=0))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)

@@ -117,12 +117,17 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
+def parse_number(text: str) -> float:
+    """A float from the command line, or argparse's usage error."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = parse_number(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
     return value
@@ -130,10 +135,7 @@ def positive_float(text: str) -> float:
 
 def open_fraction(text: str) -> float:
     """argparse type: a float strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = parse_number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1, exclusive")
     return value
@@ -141,10 +143,7 @@ def open_fraction(text: str) -> float:
 
 def dropout_rate(text: str) -> float:
     """argparse type: a float in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = parse_number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
     return value
@@ -218,13 +217,19 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
 
 
-def feature_side(kernel_size: int, padding: str) -> int:
-    """Side of the feature maps after both conv + pool blocks."""
-    side = IMAGE_SIDE
+def conv_sides(kernel_size: int, padding: str) -> tuple[int, int]:
+    """Output side of each of the two Conv2D layers (each is followed by 2x2 pooling)."""
+    sides, side = [], IMAGE_SIDE
     for _ in range(2):
         side = side if padding == "same" else side - kernel_size + 1
+        sides.append(side)
         side //= 2
-    return side
+    return sides[0], sides[1]
+
+
+def feature_side(kernel_size: int, padding: str) -> int:
+    """Side of the feature maps after both conv + pool blocks."""
+    return conv_sides(kernel_size, padding)[1] // 2
 
 
 # ----------------------------------------------------------------------------
@@ -478,9 +483,9 @@ class RunState:
         return cls(meta["identity"], history, meta["best_epoch"], meta["best_value"], weights, meta["seconds"])
 
 
-def resume_state(cfg: Config, lr: float) -> RunState:
-    """A fresh state, or (with --resume) the saved one after checking that nothing that matters changed."""
-    folder, identity = resume_dir(cfg), run_identity(cfg, lr)
+def resume_state(cfg: Config, lr: float, folder: Path) -> RunState:
+    """A fresh state, or (with --resume) the one saved in folder after checking that nothing that matters changed."""
+    identity = run_identity(cfg, lr)
     if not cfg.resume:
         if folder.exists():
             print(f"Note: starting afresh; discarding the unfinished run saved in {folder}")
@@ -533,8 +538,8 @@ def train(cfg: Config, data: Dataset, lr: float) -> TrainResult:
     import keras
 
     seed_everything(cfg.seed)
-    state = resume_state(cfg, lr)
     folder = resume_dir(cfg)
+    state = resume_state(cfg, lr, folder)
     steps = math.ceil(len(data.y_train) / cfg.batch_size)
     model = build_model(cfg, lr, steps)
     callbacks = [

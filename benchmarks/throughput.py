@@ -78,12 +78,11 @@ def matmul_peak_gflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
 
 def training_flops_per_image(cfg: cnn.Config) -> float:
     """Multiply-adds of the conv and dense layers, x2 for FLOPs, x3 for forward + backward."""
-    side1 = cnn.IMAGE_SIDE if cfg.padding == "same" else cnn.IMAGE_SIDE - cfg.kernel_size + 1
-    side2_in = side1 // 2
-    side2 = side2_in if cfg.padding == "same" else side2_in - cfg.kernel_size + 1
+    side1, side2 = cnn.conv_sides(cfg.kernel_size, cfg.padding)
     k2 = cfg.kernel_size ** 2
+    flat = cnn.feature_side(cfg.kernel_size, cfg.padding) ** 2 * cfg.filters
     macs = (side1**2 * cfg.filters * k2 + side2**2 * cfg.filters * cfg.filters * k2
-            + (side2 // 2) ** 2 * cfg.filters * cfg.dense_units + cfg.dense_units * 10)
+            + flat * cfg.dense_units + cfg.dense_units * 10)
     return 2 * 3 * macs
 
 

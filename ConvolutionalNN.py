@@ -85,7 +85,7 @@ class Config:
     epochs: int = 20                  # passes over the training split
     batch_size: int = 128             # images per optimisation step
     val_split: float = 0.2            # fraction of the 60,000 training images held out
-    seed: int = 0                     # seeds the split, the weights and dropout
+    seeds: tuple[int, ...] = (0,)     # seed(s) of the split, the weights and dropout; several report mean ± std
     limit: int | None = None          # train on the first N training images only
     schedule: str = "cosine"          # learning rate over time: cosine decay or constant
     filters: int = 128                # filters in each Conv2D layer
@@ -98,12 +98,25 @@ class Config:
     model_path: Path = Path("models/fashion_cnn.keras")  # the trained model
     predict: tuple[Path, ...] = ()    # images or folders to classify with the saved model
     json_output: bool = False         # print --predict results as JSON
-    resume: bool = False              # continue the unfinished run saved beside --model-path
+    resume: bool = False              # continue the unfinished run(s) saved beside --model-path
+    precision: str = "auto"           # float32, bfloat16 or float16 (mixed), or auto: the fastest this hardware runs well
+    distribute: str = "none"          # none, or mirrored: one run over every local GPU (tf.distribute)
+    ray: str | None = None            # run the study's runs as Ray tasks: "local" or a cluster address
 
     @property
     def lr(self) -> float:
         """The learning rate of a single run (the first of --lr)."""
         return self.lrs[0]
+
+    @property
+    def seed(self) -> int:
+        """The seed of a single run (the first of --seed)."""
+        return self.seeds[0]
+
+    @property
+    def runs(self) -> list[tuple[float, int]]:
+        """Every (learning rate, seed) pair to train, rate by rate."""
+        return [(lr, seed) for lr in self.lrs for seed in self.seeds]
 
 
 def positive_int(text: str) -> int:
@@ -130,6 +143,17 @@ def positive_float(text: str) -> float:
     value = parse_number(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """argparse type: a seed NumPy accepts, 0 <= seed < 2**32."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 4294967295")
     return value
 
 
@@ -170,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per step")
     p.add_argument("--val-split", type=open_fraction, default=d.val_split,
                    help="fraction of the training images held out for validation (stratified)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (split, weights, dropout)")
+    p.add_argument("--seed", "--seeds", dest="seeds", type=seed_value, nargs="+", default=list(d.seeds),
+                   metavar="SEED", help="random seed (split, weights, dropout); several train once per seed "
+                                        "and report the mean ± std of the test accuracy")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="use only the first N training images (quick tries); at least one batch")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule,
@@ -189,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classify these images (or every image in these folders) with --model-path")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted or killed run from its last finished epoch (same flags)")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default=d.precision,
+                   help="arithmetic: float32, or mixed bfloat16/float16 (float32 weights); auto picks the fastest "
+                        "this CPU or GPU runs well and says which")
+    p.add_argument("--distribute", choices=("none", "mirrored"), default=d.distribute,
+                   help="mirrored: train one run on every local GPU with tf.distribute.MirroredStrategy, "
+                        "--batch-size being the global batch")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="train the runs (rates x seeds) as Ray tasks: on a local Ray instance, or on the "
+                        "cluster at ADDRESS (host:port, or auto)")
     p.add_argument("--json", dest="json_output", action="store_true", help="print --predict results as JSON")
     return p
 
@@ -203,17 +238,22 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error(f"--limit {a.limit} is smaller than one batch (--batch-size {a.batch_size})")
     if feature_side(a.kernel_size, a.padding) < 1:
         parser.error(f"--kernel-size {a.kernel_size} with --padding valid leaves no pixels; use a smaller kernel")
-    if a.resume and (a.predict or len(a.lr) > 1):
-        parser.error("--resume applies to a single training run, not to --predict or a study")
+    for flag, values in (("--lr", a.lr), ("--seed", a.seeds)):
+        if len(set(values)) < len(values):
+            parser.error(f"{flag} lists a value twice; give each once")
+    if a.resume and (a.predict or a.ray):
+        parser.error("--resume applies to training runs on this machine, not to --predict or --ray")
+    if a.ray and a.distribute != "none":
+        parser.error("--ray and --distribute mirrored do not combine; Ray gives each run its own devices")
     if a.json_output and not a.predict:
         parser.error("--json only applies to --predict")
     return Config(
         lrs=tuple(a.lr), epochs=a.epochs, batch_size=a.batch_size, val_split=a.val_split,
-        seed=a.seed, limit=a.limit, schedule=a.schedule, filters=a.filters,
+        seeds=tuple(a.seeds), limit=a.limit, schedule=a.schedule, filters=a.filters,
         kernel_size=a.kernel_size, padding=a.padding, dense_units=a.dense_units,
         dropout=a.dropout, data_dir=a.data_dir, plots_dir=a.plots_dir,
         model_path=a.model_path, predict=tuple(a.predict), json_output=a.json_output,
-        resume=a.resume,
+        resume=a.resume, precision=a.precision, distribute=a.distribute, ray=a.ray,
     )
 
 
@@ -302,18 +342,32 @@ def check_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
             raise UserError(f"{name} labels go up to {y.max()}; Fashion-MNIST labels are 0..9")
 
 
-def load_data(cfg: Config) -> Dataset:
-    """Load, check, optionally limit, and split the data; images stay uint8."""
-    from sklearn.model_selection import train_test_split
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
+
+def load_arrays(cfg: Config) -> Arrays:
+    """Load and check the data, keeping only the first --limit training images."""
     arrays = read_idx_folder(cfg.data_dir) if cfg.data_dir else download_with_keras()
     check_arrays(*arrays)
     x_train, y_train, x_test, y_test = arrays
     if cfg.limit:
         x_train, y_train = x_train[:cfg.limit], y_train[:cfg.limit]
+    return x_train, y_train, x_test, y_test
+
+
+def load_data(cfg: Config, seed: int | None = None) -> Dataset:
+    """Load, check, limit and split the data (split by `seed`, default the first --seed)."""
+    return split_data(load_arrays(cfg), cfg, cfg.seed if seed is None else seed)
+
+
+def split_data(arrays: Arrays, cfg: Config, seed: int) -> Dataset:
+    """Stratified, seeded train/validation split; images stay uint8 and gain a channel axis."""
+    from sklearn.model_selection import train_test_split
+
+    x_train, y_train, x_test, y_test = arrays
     try:
         train_idx, val_idx = train_test_split(
-            np.arange(len(y_train)), test_size=cfg.val_split, stratify=y_train, random_state=cfg.seed)
+            np.arange(len(y_train)), test_size=cfg.val_split, stratify=y_train, random_state=seed)
     except ValueError as e:
         raise UserError(f"cannot split {len(y_train)} images stratified with --val-split {cfg.val_split} "
                         f"({e}); use a larger --limit") from None
@@ -326,6 +380,80 @@ def load_data(cfg: Config) -> Dataset:
         with_channel(x_train[val_idx]), y_train[val_idx],
         with_channel(x_test), y_test,
     )
+
+
+# ----------------------------------------------------------------------------
+# Precision and devices
+# ----------------------------------------------------------------------------
+
+KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # oneDNN runs bfloat16 convolutions fast only with these
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """CUDA compute capability of each visible GPU ((0, 0) where TensorFlow does not say)."""
+    import tensorflow as tf
+
+    caps = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        caps.append(tuple(cc) if cc else (0, 0))
+    return caps
+
+
+def choose_precision(requested: str, gpus: list[tuple[int, int]], flags: set[str]) -> tuple[str, str]:
+    """The precision to train in, and why; `auto` picks what this hardware runs fastest.
+
+    Mixed precision keeps float32 weights and a float32 output layer either way.
+    """
+    if requested != "auto":
+        return requested, "asked for with --precision"
+    if gpus:
+        if min(gpus) >= (8, 0):
+            return "bfloat16", "auto: every GPU has bfloat16 tensor cores"
+        if min(gpus) >= (7, 0):
+            return "float16", "auto: every GPU has float16 tensor cores"
+        return "float32", "auto: these GPUs have no fast half precision"
+    found = sorted(flags.intersection(CPU_BF16_FLAGS))
+    if found:
+        return "bfloat16", f"auto: this CPU has {' and '.join(found)}"
+    return "float32", "auto: this CPU has no AMX or AVX512-BF16, on which bfloat16 would be slower"
+
+
+def set_precision(requested: str) -> tuple[str, str]:
+    """Resolve --precision on this machine and make it Keras's global dtype policy."""
+    import keras
+
+    precision, why = choose_precision(requested, gpu_capabilities(), cpu_flags())
+    keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
+    return precision, why
+
+
+def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
+    """Where to build the model: a MirroredStrategy's scope with --distribute mirrored, else nowhere special."""
+    if distribute != "mirrored":
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    # Every GPU; without one, every logical CPU device (one, unless the caller split the CPU for testing).
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    devices = ", ".join(strategy.extended.worker_devices)
+    print(f"MirroredStrategy: {strategy.num_replicas_in_sync} replica(s) on {devices}; "
+          "--batch-size is split across them", flush=True)
+    return strategy.scope()
 
 
 # ----------------------------------------------------------------------------
@@ -408,13 +536,17 @@ def interrupt_callback(received: list[int]) -> Any:
 class TrainResult:
     """What one training run produced."""
 
-    model: Any
+    model: Any                 # None if the run failed
     lr: float
     history: dict[str, list[float]]
     best_epoch: int | None     # 1-based epoch whose weights the model holds; None if no epoch finished
     seconds: float
     diverged: bool = False
     interrupted_by: int | None = None  # signal number, if stopped by one
+    seed: int = 0
+    precision: str = "float32"
+    best_value: float | None = None    # BEST_MONITOR at best_epoch
+    failed: str | None = None          # why the run failed (a Ray task that could not finish)
 
 
 def seed_everything(seed: int) -> None:
@@ -431,17 +563,35 @@ def has_non_finite(history: dict[str, list[float]]) -> bool:
     return any(not math.isfinite(v) for key in ("loss", "val_loss") for v in history.get(key, []))
 
 
-def resume_dir(cfg: Config) -> Path:
-    """Where an unfinished run keeps what --resume needs (beside the model)."""
+def resume_root(cfg: Config) -> Path:
+    """Where unfinished runs keep what --resume needs (beside the model)."""
     return cfg.model_path.with_name(f".{cfg.model_path.stem}.resume")
 
 
-def run_identity(cfg: Config, lr: float) -> dict[str, Any]:
+def run_folder(cfg: Config, lr: float, seed: int) -> Path:
+    """One run's resume folder: the root itself for a single run, a subfolder per run otherwise."""
+    root = resume_root(cfg)
+    return root if len(cfg.runs) == 1 else root / f"lr{lr:g}-seed{seed}"
+
+
+def prepare_resume_root(cfg: Config) -> None:
+    """Without --resume, discard any unfinished run; with it, make sure there is one."""
+    root = resume_root(cfg)
+    if cfg.resume and not root.is_dir():
+        raise UserError(f"nothing to resume at {root}: no unfinished run with this --model-path; "
+                        "run without --resume")
+    if not cfg.resume and root.exists():
+        print(f"Note: starting afresh; discarding the unfinished run saved in {root}")
+        shutil.rmtree(root)
+
+
+def run_identity(cfg: Config, lr: float, seed: int, precision: str) -> dict[str, Any]:
     """The settings that shape the model, the data or the schedule: a resume must match them all."""
     return {"data": str(cfg.data_dir) if cfg.data_dir else "keras.datasets", "limit": cfg.limit,
-            "val_split": cfg.val_split, "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "val_split": cfg.val_split, "seed": seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
             "lr": lr, "schedule": cfg.schedule, "filters": cfg.filters, "kernel_size": cfg.kernel_size,
-            "padding": cfg.padding, "dense_units": cfg.dense_units, "dropout": cfg.dropout}
+            "padding": cfg.padding, "dense_units": cfg.dense_units, "dropout": cfg.dropout,
+            "precision": precision}
 
 
 @dataclasses.dataclass
@@ -454,6 +604,7 @@ class RunState:
     best_value: float | None = None      # BEST_MONITOR at best_epoch
     best_weights: list[np.ndarray] | None = None
     seconds: float = 0.0                 # training time of the finished epochs, across resumes
+    finished: bool = False               # all epochs done (kept until the other runs of a study finish)
 
     def save(self, folder: Path) -> None:
         """Write the best weights, then the JSON that points at them, each atomically."""
@@ -461,7 +612,7 @@ class RunState:
             with atomic_path(folder / "best_weights.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, *self.best_weights)
         meta = {"identity": self.identity, "history": self.history, "seconds": self.seconds,
-                "best_epoch": self.best_epoch, "best_value": self.best_value}
+                "best_epoch": self.best_epoch, "best_value": self.best_value, "finished": self.finished}
         write_json(folder / "state.json", meta)
 
     @classmethod
@@ -480,16 +631,16 @@ class RunState:
             raise UserError(f"the resume state in {folder} is damaged ({first_line(e)}); "
                             "run without --resume to start afresh") from None
         history = {k: [math.nan if v is None else v for v in vs] for k, vs in meta["history"].items()}
-        return cls(meta["identity"], history, meta["best_epoch"], meta["best_value"], weights, meta["seconds"])
+        return cls(meta["identity"], history, meta["best_epoch"], meta["best_value"], weights, meta["seconds"],
+                   meta.get("finished", False))
 
 
-def resume_state(cfg: Config, lr: float, folder: Path) -> RunState:
-    """A fresh state, or (with --resume) the one saved in folder after checking that nothing that matters changed."""
-    identity = run_identity(cfg, lr)
-    if not cfg.resume:
-        if folder.exists():
-            print(f"Note: starting afresh; discarding the unfinished run saved in {folder}")
-            shutil.rmtree(folder)
+def resume_state(cfg: Config, identity: dict[str, Any], folder: Path) -> RunState:
+    """A fresh state, or (with --resume) the one saved in folder after checking that nothing that matters changed.
+
+    In a study resumed with --resume, a run that had not started yet starts afresh.
+    """
+    if not cfg.resume or (len(cfg.runs) > 1 and not (folder / "state.json").exists()):
         return RunState(identity)
     state = RunState.load(folder)
     changed = [f"{k} was {state.identity.get(k)!r}, now {v!r}" for k, v in identity.items()
@@ -497,7 +648,9 @@ def resume_state(cfg: Config, lr: float, folder: Path) -> RunState:
     if changed:
         raise UserError(f"cannot resume with different settings ({'; '.join(changed)}); "
                         "use the original flags, or run without --resume to start afresh")
-    print(f"Resuming after epoch {len(state.history.get('loss', []))} of {cfg.epochs} from {folder}")
+    done = len(state.history.get("loss", []))
+    print("Already finished; using the saved result" if state.finished
+          else f"Resuming after epoch {done} of {cfg.epochs} from {folder}")
     return state
 
 
@@ -533,39 +686,53 @@ def journal_callback(state: RunState, folder: Path) -> Any:
     return Journal()
 
 
-def train(cfg: Config, data: Dataset, lr: float) -> TrainResult:
-    """Train a model at learning rate lr (or resume one); end with the best epoch's weights."""
+def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
+          handle_signals: bool = True, verbose: str | int = "auto") -> TrainResult:
+    """Train a model at learning rate lr with seed (or resume it from folder); end with the best epoch's weights."""
     import keras
 
-    seed_everything(cfg.seed)
-    folder = resume_dir(cfg)
-    state = resume_state(cfg, lr, folder)
+    precision, why = set_precision(cfg.precision)
+    print(f"Precision: {precision} ({why})", flush=True)
+    seed_everything(seed)
+    state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
     steps = math.ceil(len(data.y_train) / cfg.batch_size)
-    model = build_model(cfg, lr, steps)
-    callbacks = [
-        journal_callback(state, folder),  # before BackupAndRestore: see Journal.on_epoch_begin
-        keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
-        keras.callbacks.TerminateOnNaN(),
-    ]
+    with distribution_scope(cfg.distribute):
+        model = build_model(cfg, lr, steps)
     interrupted_by = None
-    with stop_requests() as received:
+    if not state.finished:
+        callbacks = [
+            journal_callback(state, folder),  # before BackupAndRestore: see Journal.on_epoch_begin
+            keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
+            keras.callbacks.TerminateOnNaN(),
+        ]
+        interrupted_by = fit(cfg, model, data, callbacks, handle_signals, verbose, folder)
+    if state.best_weights is not None:
+        model.set_weights(state.best_weights)
+    if interrupted_by is None and not state.finished:
+        state.finished = True
+        state.save(folder)
+        shutil.rmtree(folder / "backup", ignore_errors=True)
+    return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, has_non_finite(state.history),
+                       interrupted_by, seed=seed, precision=precision, best_value=state.best_value)
+
+
+def fit(cfg: Config, model: Any, data: Dataset, callbacks: list[Any], handle_signals: bool, verbose: str | int,
+        folder: Path) -> int | None:
+    """model.fit with the run's callbacks; the number of the signal that stopped it, if one did."""
+    stops = stop_requests() if handle_signals else contextlib.nullcontext([])
+    with stops as received:
         try:
             model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
-                      epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose="auto",
+                      epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose=verbose,
                       callbacks=[*callbacks, interrupt_callback(received)])
         except TrainingInterrupted as stop:
-            interrupted_by = stop.signum
+            return stop.signum
         except (OSError, ValueError) as e:
             if not cfg.resume:
                 raise
             raise UserError(f"cannot restore the saved run from {folder} ({first_line(e)}); "
                             "run without --resume to start afresh") from None
-    if state.best_weights is not None:
-        model.set_weights(state.best_weights)
-    if interrupted_by is None:
-        shutil.rmtree(folder, ignore_errors=True)
-    return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, has_non_finite(state.history),
-                       interrupted_by)
+    return None
 
 
 # ----------------------------------------------------------------------------
@@ -719,22 +886,27 @@ def plot_confusion(confusion: np.ndarray, path: Path) -> None:
 
 
 def plot_predictions(data: Dataset, predicted: np.ndarray, path: Path, count: int = 36) -> None:
-    """A grid of test images titled predicted (true); mistakes in red."""
+    """A grid of test images captioned with the predicted class; mistakes in red with the true class.
+
+    Drawn as one mosaic image rather than 36 subplots, which take seconds to lay out.
+    """
     plt = pyplot()
-    cols = 6
+    cols, count = 6, min(count, len(predicted))
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.1))
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= min(count, len(predicted)):
-            continue
-        ax.imshow(data.x_test[i, :, :, 0], cmap="gray")
+    cell_w, cell_h, caption = IMAGE_SIDE + 6, IMAGE_SIDE + 16, 14  # pixels; captions sit above each image
+    canvas = np.ma.masked_array(np.zeros((rows * cell_h, cols * cell_w)), mask=True)  # masked: white background
+    fig, ax = plt.subplots(figsize=(cols * 1.9, rows * 2.0))
+    for i in range(count):
+        top, left = (i // cols) * cell_h + caption, (i % cols) * cell_w + 3
+        canvas[top:top + IMAGE_SIDE, left:left + IMAGE_SIDE] = data.x_test[i, :, :, 0]
         wrong = predicted[i] != data.y_test[i]
-        title = f"{CLASS_NAMES[predicted[i]]}\n(true: {CLASS_NAMES[data.y_test[i]]})" if wrong \
+        text = f"{CLASS_NAMES[predicted[i]]}\n(true: {CLASS_NAMES[data.y_test[i]]})" if wrong \
             else CLASS_NAMES[predicted[i]]
-        ax.set_title(title, fontsize=8, color="red" if wrong else "black")
-    fig.tight_layout()
-    fig.suptitle("First test images: predicted class (mistakes in red, true class below)", y=1.02)
+        ax.text(left + IMAGE_SIDE / 2, top - 1, text, ha="center", va="bottom", fontsize=8,
+                color="red" if wrong else "black")
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title("First test images: predicted class (mistakes in red, true class below)")
     save_figure(fig, path)
 
 
@@ -804,7 +976,7 @@ def peak_memory_mb() -> float | None:
 def config_dict(cfg: Config) -> dict[str, Any]:
     """The configuration as JSON-friendly values."""
     out = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    out["lrs"] = list(cfg.lrs)
+    out["lrs"], out["seeds"] = list(cfg.lrs), list(cfg.seeds)
     out.pop("predict")
     out.pop("json_output")
     out.pop("resume")
@@ -827,8 +999,9 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     write_text(path, json.dumps(json_safe(payload), indent=2) + "\n")
 
 
-def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evaluation | None) -> None:
-    """Model, plots, history.csv and metrics.json of one run."""
+def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evaluation | None,
+                      extra: dict[str, Any] | None = None) -> None:
+    """Model, plots, history.csv and metrics.json of one run (extra: more fields for metrics.json)."""
     d = cfg.plots_dir
     save_model(result.model, cfg.model_path)
     plot_curves(result.history, "accuracy", result.best_epoch, d / "accuracy.png")
@@ -853,7 +1026,9 @@ def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evalu
         "train_images": len(data.y_train),
         "validation_images": len(data.y_val),
         "test_images": len(data.y_test),
-        "seed": cfg.seed,
+        "seed": result.seed,
+        "precision": result.precision,
+        **(extra or {}),
         "config": config_dict(cfg),
         "history": result.history,
         "versions": library_versions(),
@@ -900,22 +1075,255 @@ def signal_exit_code(signum: int) -> int:
 
 
 def run_single(cfg: Config, data: Dataset) -> int:
-    """Train one model at cfg.lr, evaluate it on the test set, write everything."""
-    result = train(cfg, data, cfg.lr)
-    return finish_run(cfg, data, result)
+    """Train one model at cfg.lr with cfg.seed, evaluate it on the test set, write everything."""
+    prepare_resume_root(cfg)
+    result = train(cfg, data, cfg.lr, cfg.seed, resume_root(cfg))
+    code = finish_run(cfg, data, result)
+    if result.interrupted_by is None:
+        shutil.rmtree(resume_root(cfg), ignore_errors=True)
+    return code
+
+
+# ----------------------------------------------------------------------------
+# Several runs: learning rates x seeds, here one after another or on Ray
+# ----------------------------------------------------------------------------
+
+def run_banner(cfg: Config, number: int, lr: float, seed: int) -> str:
+    """The progress line printed before each run."""
+    rate = (f"Learning-rate study: rate {cfg.lrs.index(lr) + 1} of {len(cfg.lrs)}: lr={lr:g}"
+            if len(cfg.lrs) > 1 else f"lr={lr:g}")
+    seeds = f", seed {seed} ({cfg.seeds.index(seed) + 1} of {len(cfg.seeds)})" if len(cfg.seeds) > 1 else ""
+    return f"=== Run {number} of {len(cfg.runs)}: {rate}{seeds} ==="
+
+
+def train_in_turn(cfg: Config, arrays: Arrays) -> list[TrainResult]:
+    """Train every run on this machine, one after another; stop at the first interrupted one."""
+    results = []
+    for number, (lr, seed) in enumerate(cfg.runs, start=1):
+        print(f"\n{run_banner(cfg, number, lr, seed)}", flush=True)
+        result = train(cfg, split_data(arrays, cfg, seed), lr, seed, run_folder(cfg, lr, seed))
+        results.append(result)
+        if result.interrupted_by is not None:
+            break
+        if result.diverged:
+            print(f"lr={lr:g}, seed {seed} diverged (loss became NaN or infinite); going on with the other runs.")
+    return results
+
+
+RAY_RETRIES = 2  # Ray runs a task again this often if it raises or its worker or node is lost
+
+
+def connect_ray(address: str) -> tuple[Any, bool]:
+    """Ray, connected to a new local instance ("local", on 127.0.0.1 only) or to the cluster at address.
+
+    Also says whether this call connected (and so should disconnect): a caller that
+    ran ray.init() itself, in a notebook or a test, keeps its own connection.
+    """
+    if address == "local":
+        # A one-machine instance: Ray then listens on 127.0.0.1 only, not on every network interface.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray; install it with: pip install ray") from None
+    if __name__ != "__main__":
+        # Ship this module's code with each task, so cluster nodes need the libraries but not this file.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if ray.is_initialized():
+        return ray, False
+    import logging
+
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"]}})
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        raise UserError(f"cannot reach a Ray cluster at {address} ({first_line(e)})") from None
+    return ray, True
+
+
+def use_task_cpus() -> None:
+    """Let TensorFlow use only the CPUs Ray gave this task, so parallel tasks don't fight over cores."""
+    import ray
+    import tensorflow as tf
+
+    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    with contextlib.suppress(RuntimeError):  # a reused worker process has set them already
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+
+
+def ray_task(cfg: Config, lr: float, seed: int) -> dict[str, Any]:
+    """One run as a Ray task on whichever node Ray picks; the node reads the data itself."""
+    use_task_cpus()
+    data = load_data(cfg, seed)
+    with tempfile.TemporaryDirectory(prefix="fashion_cnn_run_") as folder:
+        r = train(dataclasses.replace(cfg, resume=False), data, lr, seed, Path(folder),
+                  handle_signals=False, verbose=2)
+    return {"history": r.history, "best_epoch": r.best_epoch, "best_value": r.best_value, "seconds": r.seconds,
+            "diverged": r.diverged, "precision": r.precision, "node": platform.node(),
+            "weights": r.model.get_weights() if r.best_epoch is not None else None}
+
+
+def result_from_task(cfg: Config, arrays: Arrays, lr: float, seed: int, out: dict[str, Any]) -> TrainResult:
+    """Rebuild a run's model here from the weights its Ray task sent back."""
+    model = None
+    if out["weights"] is not None:
+        steps = math.ceil(len(split_data(arrays, cfg, seed).y_train) / cfg.batch_size)
+        model = build_model(cfg, lr, steps)
+        model.set_weights(out["weights"])
+    return TrainResult(model, lr, out["history"], out["best_epoch"], out["seconds"], out["diverged"],
+                       seed=seed, precision=out["precision"], best_value=out["best_value"])
+
+
+def train_on_ray(cfg: Config, arrays: Arrays, task: Any = ray_task) -> list[TrainResult]:
+    """Run every (rate, seed) as a Ray task; a task that still fails after its retries is reported as failed."""
+    ray, connected = connect_ray(cfg.ray or "local")
+    try:
+        shipped = dataclasses.replace(cfg, data_dir=cfg.data_dir.resolve() if cfg.data_dir else None)
+        resources = ray.cluster_resources()
+        gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=RAY_RETRIES, retry_exceptions=True)(task)
+        pending = {remote.remote(shipped, lr, seed): (lr, seed) for lr, seed in cfg.runs}
+        print(f"Ray: {len(pending)} runs on {len(ray.nodes())} node(s) with {resources.get('CPU', 0):g} CPUs and "
+              f"{resources.get('GPU', 0):g} GPUs; one CPU{' and one GPU' if gpus else ''} per run", flush=True)
+        done: dict[tuple[float, int], TrainResult] = {}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            lr, seed = pending.pop(ref)
+            try:
+                done[lr, seed] = result_from_task(cfg, arrays, lr, seed, ray.get(ref))
+                status = "diverged" if done[lr, seed].diverged else f"best {BEST_MONITOR} {done[lr, seed].best_value}"
+            except ray.exceptions.RayError as e:
+                reason = first_line(getattr(e, "cause", None) or e)
+                done[lr, seed] = TrainResult(None, lr, {}, None, 0.0, seed=seed, failed=reason)
+                status = f"FAILED after {RAY_RETRIES} retries: {reason}"
+            print(f"Ray: run lr={lr:g}, seed {seed} finished ({len(done)} of {len(cfg.runs)}): {status}", flush=True)
+    finally:
+        if connected:
+            ray.shutdown()
+    return [done[run] for run in cfg.runs]
+
+
+def run_many(cfg: Config, arrays: Arrays) -> int:
+    """Train every (rate, seed) run, here or on Ray, then compare the rates and report the seeds."""
+    if cfg.ray:
+        results = train_on_ray(cfg, arrays)
+    else:
+        prepare_resume_root(cfg)
+        results = train_in_turn(cfg, arrays)
+        stopped = results[-1].interrupted_by
+        if stopped is not None:
+            print(f"Interrupted in run {len(results)} of {len(cfg.runs)}; the finished runs and the best epoch so "
+                  f"far are saved in {resume_root(cfg)}. To continue, run the same command with --resume.",
+                  file=sys.stderr)
+            return signal_exit_code(stopped)
+    code = report_runs(cfg, arrays, results)
+    if not cfg.ray:
+        shutil.rmtree(resume_root(cfg), ignore_errors=True)
+    return code
+
+
+def report_runs(cfg: Config, arrays: Arrays, results: list[TrainResult]) -> int:
+    """Pick the rate by validation loss (a study), then evaluate its seeds on the test set and write the outputs."""
+    final = results
+    if len(cfg.lrs) > 1:
+        by_rate = {lr: [r for r in results if r.lr == lr] for lr in cfg.lrs}
+        chosen = compare_rates(cfg, by_rate)
+        if chosen is None:
+            return EXIT_FAILURE if all(r.failed for r in results) else EXIT_DIVERGED
+        final = by_rate[chosen]
+    code = report_seeds(cfg, arrays, final)
+    failed = [r for r in results if r.failed]
+    if failed:
+        names = ", ".join(f"lr={r.lr:g} seed {r.seed}" for r in failed)
+        print(f"error: {len(failed)} of {len(results)} runs failed ({names}); the rest were reported and written.",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return code
+
+
+# ----------------------------------------------------------------------------
+# Statistics over seeds
+# ----------------------------------------------------------------------------
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1); a single value is its own mean, with no spread."""
+    if not values:
+        return None, None
+    if len(values) == 1:
+        return values[0], None
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def seed_row(result: TrainResult, ev: Evaluation | None) -> dict[str, Any]:
+    """One seed's figures: the kept epoch, its validation accuracy and its test results."""
+    return {"seed": result.seed, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_value,
+            "test_loss": ev.loss if ev else None, "test_accuracy": ev.accuracy if ev else None,
+            "training_seconds": round(result.seconds, 2), "diverged": result.diverged, "failed": result.failed}
+
+
+def format_seed_table(rows: list[dict[str, Any]]) -> str:
+    """Per-seed test results as printed."""
+    lines = [f"{'seed':>10} {'kept epoch':>10} {'val acc':>8} {'test loss':>9} {'test acc':>8} {'seconds':>8}  status"]
+    for r in rows:
+        status = "failed: " + r["failed"] if r["failed"] else ("diverged" if r["diverged"] else "")
+        lines.append(f"{r['seed']:>10} {fmt(r['best_epoch'], 'd'):>10} {fmt(r['best_val_accuracy'], '.2%'):>8} "
+                     f"{fmt(r['test_loss'], '.4f'):>9} {fmt(r['test_accuracy'], '.2%'):>8} "
+                     f"{r['training_seconds']:>8.1f}  {status}")
+    return "\n".join(lines)
+
+
+def fmt(value: Any, spec: str) -> str:
+    """A table cell: the value formatted, or '-' when there is none."""
+    return "-" if value is None else format(value, spec)
+
+
+def report_seeds(cfg: Config, arrays: Arrays, results: list[TrainResult]) -> int:
+    """Test every seed's model of one rate; print mean ± std; write the outputs of the best seed by validation."""
+    usable = [r for r in results if r.model is not None and r.best_epoch is not None]
+    if len(results) == 1 and usable:
+        return finish_run(cfg, split_data(arrays, cfg, usable[0].seed), usable[0])
+    if not usable:
+        print("error: no run of this rate finished an epoch; nothing was written.", file=sys.stderr)
+        return EXIT_FAILURE if all(r.failed for r in results) else EXIT_DIVERGED
+    data = {r.seed: split_data(arrays, cfg, r.seed) for r in usable}
+    evals = {r.seed: evaluate(r.model, data[r.seed], cfg.batch_size) for r in usable}
+    rows = [seed_row(r, evals.get(r.seed)) for r in results]
+    acc_mean, acc_std = mean_std([ev.accuracy for ev in evals.values()])
+    loss_mean, loss_std = mean_std([ev.loss for ev in evals.values()])
+    keep = max(usable, key=lambda r: r.best_value)
+    print(f"\nTest results of lr={keep.lr:g} per seed:\n{format_seed_table(rows)}")
+    spread = f" ± {acc_std:.2%} (mean ± sample std)" if acc_std is not None else ""
+    print(f"Test accuracy over {len(evals)} seed(s): {acc_mean:.2%}{spread}")
+    print(f"\nSeed {keep.seed} has the best validation accuracy; its model and plots are saved. Its test results:")
+    print_evaluation(evals[keep.seed])
+    summary = {"seeds": rows, "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
+               "test_loss_mean": loss_mean, "test_loss_std": loss_std,
+               "std_is": "sample standard deviation (ddof=1) over seeds",
+               "saved_seed": keep.seed, "saved_seed_selected_by": BEST_MONITOR}
+    write_run_outputs(cfg, data[keep.seed], keep, evals[keep.seed], summary)
+    print(f"Model: {cfg.model_path}; plots and metrics: {cfg.plots_dir}/")
+    if any(r.diverged for r in usable):
+        print("error: some seeds diverged (loss became NaN or infinite); their best epochs before that were "
+              "tested. Try a smaller --lr.", file=sys.stderr)
+        return EXIT_DIVERGED
+    return 0
 
 
 # ----------------------------------------------------------------------------
 # Learning-rate study
 # ----------------------------------------------------------------------------
 
+STUDY_FIELDS = ("best_val_loss", "best_val_loss_epoch", "best_val_accuracy", "final_val_loss", "final_val_accuracy")
+
+
 def study_row(result: TrainResult) -> dict[str, Any]:
-    """One rate's summary: best and final validation figures, timing, divergence."""
+    """One run's summary: best and final validation figures, timing, divergence."""
     h = result.history
     val_loss = [v if math.isfinite(v) else math.inf for v in h.get("val_loss", [])]
     best = int(np.argmin(val_loss)) if val_loss and math.isfinite(min(val_loss)) else None
     return {
-        "lr": result.lr,
+        "seed": result.seed,
         "best_val_loss": val_loss[best] if best is not None else None,
         "best_val_loss_epoch": best + 1 if best is not None else None,
         "best_val_accuracy": max(h["val_accuracy"]) if h.get("val_accuracy") else None,
@@ -924,77 +1332,119 @@ def study_row(result: TrainResult) -> dict[str, Any]:
         "epochs_completed": len(h.get("loss", [])),
         "training_seconds": round(result.seconds, 2),
         "diverged": result.diverged,
+        "failed": result.failed,
     }
 
 
+def rate_row(lr: float, results: list[TrainResult]) -> dict[str, Any]:
+    """One rate's summary over its seeds: the mean (and sample std) of each validation figure."""
+    runs = [study_row(r) for r in results]
+    ok = [r for r in runs if r["failed"] is None]
+    row: dict[str, Any] = {"lr": lr, "seeds": [r["seed"] for r in runs]}
+    for key in STUDY_FIELDS:
+        row[key], row[f"{key}_std"] = mean_std([r[key] for r in ok if r[key] is not None])
+    row["epochs_completed"] = max((r["epochs_completed"] for r in ok), default=0)
+    row["training_seconds"] = round(sum(r["training_seconds"] for r in ok), 2)
+    row["diverged"] = any(r["diverged"] for r in ok)
+    row["failed_runs"] = len(runs) - len(ok)
+    row["runs"] = runs
+    return row
+
+
 def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The rate with the lowest best validation loss among those that did not diverge."""
+    """The rate with the lowest (mean) best validation loss among those where no seed diverged."""
     usable = [r for r in rows if not r["diverged"] and r["best_val_loss"] is not None]
     return min(usable, key=lambda r: r["best_val_loss"]) if usable else None
 
 
 def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
-    """The study's table as printed at the end."""
-    def num(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
+    """The study's table as printed at the end; with several seeds, cells are mean ± std."""
+    def cell(r: dict[str, Any], key: str, spec: str) -> str:
+        std = r.get(f"{key}_std")
+        return fmt(r[key], spec) + ("" if std is None else f" ± {std:{spec}}")
 
-    header = (f"{'lr':>10} {'best val loss':>13} {'at epoch':>8} {'best val acc':>12} "
-              f"{'final val loss':>14} {'final val acc':>13} {'seconds':>8}  status")
+    header = (f"{'lr':>10} {'best val loss':>17} {'at epoch':>10} {'best val acc':>17} "
+              f"{'final val loss':>17} {'final val acc':>17} {'seconds':>8}  status")
     lines = [header]
     for r in rows:
         status = "diverged" if r["diverged"] else ("recommended" if r is chosen else "")
-        lines.append(f"{r['lr']:>10g} {num(r['best_val_loss'], '.4f'):>13} {num(r['best_val_loss_epoch'], 'd'):>8} "
-                     f"{num(r['best_val_accuracy'], '.2%'):>12} {num(r['final_val_loss'], '.4f'):>14} "
-                     f"{num(r['final_val_accuracy'], '.2%'):>13} {r['training_seconds']:>8.1f}  {status}")
+        if r["failed_runs"]:
+            status += f" ({r['failed_runs']} run(s) failed)"
+        lines.append(f"{r['lr']:>10g} {cell(r, 'best_val_loss', '.4f'):>17} {cell(r, 'best_val_loss_epoch', 'g'):>10} "
+                     f"{cell(r, 'best_val_accuracy', '.2%'):>17} {cell(r, 'final_val_loss', '.4f'):>17} "
+                     f"{cell(r, 'final_val_accuracy', '.2%'):>17} {r['training_seconds']:>8.1f}  {status.strip()}")
     return "\n".join(lines)
 
 
-def plot_study(results: list[TrainResult], path: Path) -> None:
-    """Training (dashed) and validation (solid) loss per epoch for every rate."""
+def mean_curve(results: list[TrainResult], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-epoch mean and sample std of history[key] over runs of unequal length (std 0 for one run)."""
+    curves = [r.history.get(key, []) for r in results]
+    width = max((len(c) for c in curves), default=0)
+    grid = np.full((len(curves), width), np.nan)
+    for i, c in enumerate(curves):
+        grid[i, :len(c)] = np.where(np.isfinite(c), c, np.nan)
+    counts = np.sum(~np.isnan(grid), axis=0)
+    with np.errstate(invalid="ignore"), warnings_silenced():
+        mean = np.nanmean(grid, axis=0)
+        std = np.where(counts > 1, np.nanstd(grid, axis=0, ddof=1), 0.0)
+    return mean, std
+
+
+@contextlib.contextmanager
+def warnings_silenced() -> Iterator[None]:
+    """NumPy warns on all-NaN columns (epochs after every seed diverged); those simply stay NaN."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
+    """Training (dashed) and validation (solid) loss per epoch for every rate; error bars are the std over seeds."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, r in enumerate(results):
-        color = f"C{i}"
-        label = f"lr {r.lr:g}" + (" (diverged)" if r.diverged else "")
-        epochs = range(1, len(r.history.get("loss", [])) + 1)
-        ax.plot(epochs, r.history.get("val_loss", []), "-o", color=color, markersize=3, label=f"{label} validation")
-        ax.plot(epochs, r.history.get("loss", []), "--", color=color, label=f"{label} training")
-        if r.diverged:
+    for i, (lr, results) in enumerate(by_rate.items()):
+        ok = [r for r in results if r.failed is None]
+        if not ok:
+            continue
+        color, diverged = f"C{i}", any(r.diverged for r in ok)
+        label = f"lr {lr:g}" + (" (diverged)" if diverged else "")
+        val_mean, val_std = mean_curve(ok, "val_loss")
+        train_mean, _ = mean_curve(ok, "loss")
+        epochs = np.arange(1, len(val_mean) + 1)
+        yerr = val_std if len(ok) > 1 else None
+        ax.errorbar(epochs, val_mean, yerr=yerr, fmt="-o", color=color, markersize=3, capsize=3,
+                    label=f"{label} validation")
+        ax.plot(epochs, train_mean, "--", color=color, label=f"{label} training")
+        if diverged:
             ax.plot([len(epochs)], [ax.get_ylim()[1]], "x", color=color, markersize=10)
+    seeds = max((len(rs) for rs in by_rate.values()), default=1)
+    note = f"; mean ± std over {seeds} seeds" if seeds > 1 else ""
     ax.set(xlabel="epoch", ylabel="loss (cross-entropy)", yscale="log",
-           title="Effect of the learning rate (solid: validation, dashed: training)")
+           title=f"Effect of the learning rate (solid: validation, dashed: training{note})")
     ax.xaxis.set_major_locator(integer_ticks())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     save_figure(fig, path)
 
 
-def run_study(cfg: Config, data: Dataset) -> int:
-    """Train one model per learning rate; recommend one by validation loss; test only that one."""
-    results: list[TrainResult] = []
-    for i, lr in enumerate(cfg.lrs, start=1):
-        print(f"\n=== Learning-rate study: rate {i} of {len(cfg.lrs)}: lr={lr:g} ===", flush=True)
-        result = train(cfg, data, lr)
-        if result.interrupted_by is not None:
-            print("Study interrupted; earlier outputs are untouched.", file=sys.stderr)
-            return signal_exit_code(result.interrupted_by)
-        if result.diverged:
-            print(f"lr={lr:g} diverged (loss became NaN or infinite); going on with the other rates.")
-        results.append(result)
-    rows = [study_row(r) for r in results]
+def compare_rates(cfg: Config, by_rate: dict[float, list[TrainResult]]) -> float | None:
+    """Print the study's table, write lr_study.png/.json; the recommended rate, or None if none is usable."""
+    rows = [rate_row(lr, results) for lr, results in by_rate.items()]
     chosen = recommend(rows)
     print("\n" + format_study_table(rows, chosen))
-    plot_study(results, cfg.plots_dir / "lr_study.png")
+    plot_study(by_rate, cfg.plots_dir / "lr_study.png")
+    mean = "mean " if len(cfg.seeds) > 1 else ""
     write_json(cfg.plots_dir / "lr_study.json", {
         "rates": rows, "recommended_lr": chosen["lr"] if chosen else None,
-        "selected_by": "lowest best validation loss", "seed": cfg.seed, "config": config_dict(cfg)})
+        "selected_by": f"lowest {mean}best validation loss", "seeds": list(cfg.seeds), "config": config_dict(cfg)})
     if chosen is None:
-        print("error: every learning rate diverged; try smaller values.", file=sys.stderr)
-        return EXIT_DIVERGED
-    print(f"\nRecommended learning rate: {chosen['lr']:g} (lowest best validation loss "
+        print("error: every learning rate diverged or failed; try smaller values.", file=sys.stderr)
+        return None
+    print(f"\nRecommended learning rate: {chosen['lr']:g} (lowest {mean}best validation loss "
           f"{chosen['best_val_loss']:.4f}); evaluating it on the test set.")
-    best = next(r for r in results if r.lr == chosen["lr"])
-    return finish_run(dataclasses.replace(cfg, lrs=(best.lr,)), data, best)
+    return chosen["lr"]
 
 
 # ----------------------------------------------------------------------------
@@ -1062,26 +1512,25 @@ def load_trained_model(path: Path) -> Any:
 def run_predict(cfg: Config) -> int:
     """Classify each image; print top-3 classes (or JSON); exit 1 if any file failed."""
     model = load_trained_model(cfg.model_path)
-    results, failed = [], 0
+    decoded, failed = [], 0
     for path in image_files(cfg.predict):
         try:
-            pixels, inverted = to_network_input(path)
+            decoded.append((path, *to_network_input(path)))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
-            continue
-        probs = model.predict(pixels[np.newaxis, :, :, np.newaxis], verbose=0)[0]
-        top = np.argsort(probs)[::-1][:3]
-        results.append({"file": str(path), "class": CLASS_NAMES[top[0]], "probability": float(probs[top[0]]),
-                        "top3": [{"class": CLASS_NAMES[k], "probability": float(probs[k])} for k in top],
-                        "inverted": inverted})
-        if not cfg.json_output:
-            r = results[-1]
-            note = " (inverted: light background)" if inverted else ""
-            others = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top3"][1:])
-            print(f"{path}: {r['class']} {r['probability']:.1%}{note}  [next: {others}]")
+    results = []
+    if decoded:
+        batch = np.stack([pixels for _, pixels, _ in decoded])[..., np.newaxis]
+        probabilities = model.predict(batch, batch_size=256, verbose=0)
+        results = [prediction(path, probs, inverted) for (path, _, inverted), probs in zip(decoded, probabilities)]
     if cfg.json_output:
         print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            note = " (inverted: light background)" if r["inverted"] else ""
+            others = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top3"][1:])
+            print(f"{r['file']}: {r['class']} {r['probability']:.1%}{note}  [next: {others}]")
     if failed:
         print(f"{failed} of {failed + len(results)} files could not be classified.", file=sys.stderr)
         return EXIT_FAILURE
@@ -1089,6 +1538,13 @@ def run_predict(cfg: Config) -> int:
         print("error: no images to classify.", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def prediction(path: Path, probs: np.ndarray, inverted: bool) -> dict[str, Any]:
+    """One image's result: the top class, its probability, the top 3, and whether the image was inverted."""
+    top = np.argsort(probs)[::-1][:3]
+    return {"file": str(path), "class": CLASS_NAMES[top[0]], "probability": float(probs[top[0]]),
+            "top3": [{"class": CLASS_NAMES[k], "probability": float(probs[k])} for k in top], "inverted": inverted}
 
 
 # ----------------------------------------------------------------------------
@@ -1108,11 +1564,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.predict:
             return run_predict(cfg)
         check_writable(cfg.plots_dir, cfg.model_path.parent)
-        data = load_data(cfg)
+        arrays = load_arrays(cfg)
+        data = split_data(arrays, cfg, cfg.seed)
         print(f"Data: {len(data.y_train)} training, {len(data.y_val)} validation, {len(data.y_test)} test images")
-        if len(cfg.lrs) > 1:
-            return run_study(cfg, data)
-        return run_single(cfg, data)
+        if len(cfg.runs) == 1 and not cfg.ray:
+            return run_single(cfg, data)
+        return run_many(cfg, arrays)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -31,6 +31,12 @@ OUTPUTS = ["accuracy.png", "loss.png", "confusion_matrix.png", "predictions.png"
     (["--padding", "valid", "--kernel-size", "13"], "leaves no pixels"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--json"], "only applies to --predict"),
+    (["--seed", "-1"], "between 0 and 4294967295"),
+    (["--seeds", "1", "1"], "--seed lists a value twice"),
+    (["--lr", "0.01", "0.01"], "--lr lists a value twice"),
+    (["--precision", "int8"], "invalid choice"),
+    (["--ray", "--distribute", "mirrored"], "do not combine"),
+    (["--ray", "--resume"], "--resume applies to training runs on this machine"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags: list[str], message: str) -> None:
     proc = run_cli(*flags)
@@ -44,7 +50,8 @@ def test_help_lists_every_flag_with_defaults() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0
     for flag in ("--epochs", "--lr", "--batch-size", "--val-split", "--seed", "--data-dir", "--plots-dir",
-                 "--model-path", "--limit", "--predict", "--json"):
+                 "--model-path", "--limit", "--predict", "--json", "--seeds", "--precision", "--distribute",
+                 "--ray"):
         assert flag in proc.stdout
     assert "default: 20" in proc.stdout and "0.001" in proc.stdout
 
@@ -101,15 +108,13 @@ def test_saved_model_reloads_to_the_same_accuracy(trained: dict, test_arrays) ->
     assert metrics["test_accuracy"] > 0.5, "the tiny network should learn the synthetic bars"
 
 
-def test_same_seed_gives_the_same_validation_curve(tmp_path: Path, data_dir: Path) -> None:
-    runs = []
-    for name in ("a", "b"):
-        proc = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path / name, "--model-path",
-                       tmp_path / f"{name}.keras", *TINY, "--epochs", "2", "--seed", "7")
-        assert proc.returncode == 0, proc.stderr
-        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
-    assert runs[0]["history"] == runs[1]["history"]
-    assert runs[0]["test_accuracy"] == runs[1]["test_accuracy"]
+def test_same_seed_gives_the_same_validation_curve(tmp_path: Path, data_dir: Path, trained: dict) -> None:
+    proc = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path, "--model-path", tmp_path / "again.keras",
+                   *TINY, "--epochs", "2")  # the flags of the `trained` run, seed 0 by default
+    assert proc.returncode == 0, proc.stderr
+    again, first = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path, trained["plots"]))
+    assert again["history"] == first["history"]
+    assert again["test_accuracy"] == first["test_accuracy"]
 
 
 def test_keras_datasets_path_uses_a_prefilled_cache(tmp_path: Path, data_dir: Path) -> None:

@@ -54,13 +54,13 @@ def test_check_arrays_refuses_wrong_data(field: int, bad: np.ndarray, message: s
 
 
 def test_split_is_stratified_seeded_and_keeps_uint8(data_dir: Path) -> None:
-    cfg = cnn.Config(data_dir=data_dir, val_split=0.2, seed=3)
+    cfg = cnn.Config(data_dir=data_dir, val_split=0.2, seeds=(3,))
     a, b = cnn.load_data(cfg), cnn.load_data(cfg)
     assert (len(a.y_train), len(a.y_val), len(a.y_test)) == (48000, 12000, 10000)
     assert a.x_train.dtype == np.uint8 and a.x_train.shape[1:] == (28, 28, 1)
     assert np.bincount(a.y_val).tolist() == [1200] * 10
     np.testing.assert_array_equal(a.y_val, b.y_val)
-    other = cnn.load_data(cnn.Config(data_dir=data_dir, seed=4))
+    other = cnn.load_data(cnn.Config(data_dir=data_dir, seeds=(4,)))
     assert not np.array_equal(a.y_val, other.y_val)
 
 

@@ -103,3 +103,23 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path, data_dir: Path) -
     assert proc.returncode == 1
     assert "filters was 4, now 8" in proc.stderr and "lr was 0.01, now 0.003" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_interrupted_study_resumes_without_retraining_finished_runs(tmp_path: Path, data_dir: Path) -> None:
+    flags = ["--data-dir", str(data_dir), "--plots-dir", str(tmp_path / "plots"),
+             "--model-path", str(tmp_path / "m.keras"), *TINY, "--epochs", "2", "--lr", "0.01", "0.003"]
+    proc = start_cli(*flags)
+    wait_for_line(proc, "Run 2 of 2")
+    wait_for_line(proc, "Epoch 2/2")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert "run the same command with --resume" in stderr
+    resumed = run_cli(*flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    first, second = resumed.stdout.split("Run 2 of 2")
+    assert "Already finished" in first and "Epoch 1/2" not in first
+    assert "Resuming after epoch 1 of 2" in second and "Epoch 1/2" not in second
+    study = json.loads((tmp_path / "plots" / "lr_study.json").read_text())
+    assert [r["epochs_completed"] for r in study["rates"]] == [2, 2]
+    assert not (tmp_path / ".m.resume").exists()

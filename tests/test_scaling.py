@@ -1,0 +1,143 @@
+"""Scaling out: repeated seeds, a local Ray instance, MirroredStrategy, precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ConvolutionalNN as cnn
+from conftest import REPO, TINY, run_cli
+
+STUDY = [*TINY, "--lr", "0.01", "0.003", "--seeds", "0", "1"]
+RUN_KEYS = ("best_val_loss", "best_val_accuracy", "final_val_loss", "epochs_completed")
+
+
+@pytest.fixture(scope="module")
+def sequential_study(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
+    """A 2 rates x 2 seeds study trained here, one run after another."""
+    plots = tmp_path_factory.mktemp("seq") / "plots"
+    proc = run_cli("--data-dir", data_dir, "--plots-dir", plots, "--model-path", plots.parent / "m.keras", *STUDY)
+    assert proc.returncode == 0, proc.stderr
+    read = (lambda name: json.loads((plots / name).read_text()))
+    return {"proc": proc, "study": read("lr_study.json"), "metrics": read("metrics.json")}
+
+
+def test_seeds_give_each_test_accuracy_and_their_mean_and_std(sequential_study: dict) -> None:
+    proc, study, metrics = sequential_study["proc"], sequential_study["study"], sequential_study["metrics"]
+    assert "Run 4 of 4: Learning-rate study: rate 2 of 2: lr=0.003, seed 1 (2 of 2)" in proc.stdout
+    assert study["selected_by"] == "lowest mean best validation loss"
+    means = {r["lr"]: np.mean([run["best_val_loss"] for run in r["runs"]]) for r in study["rates"]}
+    assert study["recommended_lr"] == min(means, key=means.get)
+    for row in study["rates"]:
+        assert row["seeds"] == [0, 1] and row["best_val_loss"] == pytest.approx(means[row["lr"]])
+        assert row["best_val_loss_std"] == pytest.approx(np.std([r["best_val_loss"] for r in row["runs"]], ddof=1))
+    accuracies = [s["test_accuracy"] for s in metrics["seeds"]]
+    assert [s["seed"] for s in metrics["seeds"]] == [0, 1] and accuracies[0] != accuracies[1]
+    assert metrics["test_accuracy_mean"] == pytest.approx(np.mean(accuracies))
+    assert metrics["test_accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
+    best_by_val = max(metrics["seeds"], key=lambda s: s["best_val_accuracy"])
+    assert metrics["saved_seed"] == best_by_val["seed"] == metrics["seed"]
+    assert metrics["test_accuracy"] == best_by_val["test_accuracy"]
+    assert f"Test accuracy over 2 seed(s): {np.mean(accuracies):.2%} ± " in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> object:
+    """A local Ray instance started by the test, on 127.0.0.1 only, shared by the tests of this module."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # one machine: bind to loopback (read when ray imports)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_study_on_local_ray_gives_the_sequential_table(tmp_path: Path, data_dir: Path, sequential_study: dict,
+                                                       local_ray: object, capsys: pytest.CaptureFixture) -> None:
+    plots = tmp_path / "plots"
+    code = cnn.main(["--data-dir", str(data_dir), "--plots-dir", str(plots), "--model-path", str(tmp_path / "m.keras"),
+                     *STUDY, "--ray"])
+    assert code == 0
+    assert "Ray: 4 runs on 1 node(s) with 2 CPUs" in capsys.readouterr().out
+    study, sequential = json.loads((plots / "lr_study.json").read_text()), sequential_study["study"]
+    assert [r["lr"] for r in study["rates"]] == [r["lr"] for r in sequential["rates"]]
+    assert study["recommended_lr"] == sequential["recommended_lr"]
+    for ray_row, seq_row in zip(study["rates"], sequential["rates"]):
+        assert ray_row.keys() == seq_row.keys()
+        for ray_run, seq_run in zip(ray_row["runs"], seq_row["runs"]):
+            assert ray_run["seed"] == seq_run["seed"] and ray_run["failed"] is None
+            for key in RUN_KEYS:  # same seeds, same splits: the same runs, up to thread-count rounding
+                assert ray_run[key] == pytest.approx(seq_run[key], abs=0.02)
+    metrics = json.loads((plots / "metrics.json").read_text())
+    assert [s["seed"] for s in metrics["seeds"]] == [0, 1] and metrics["test_accuracy_std"] is not None
+
+
+def test_ray_retries_a_failing_run_then_reports_it_and_writes_the_rest(tmp_path: Path, data_dir: Path,
+                                                                       local_ray: object) -> None:
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+
+    def flaky(cfg: cnn.Config, lr: float, seed: int) -> dict:
+        if lr == 0.003:
+            (attempts / str(len(list(attempts.iterdir())))).touch()
+            raise RuntimeError("node lost its disk")
+        return cnn.ray_task(cfg, lr, seed)
+
+    cfg = cnn.parse_args(["--data-dir", str(data_dir), "--plots-dir", str(tmp_path / "plots"),
+                          "--model-path", str(tmp_path / "m.keras"), *TINY, "--lr", "0.01", "0.003", "--ray"])
+    arrays = cnn.load_arrays(cfg)
+    results = cnn.train_on_ray(cfg, arrays, task=flaky)
+    assert len(list(attempts.iterdir())) == 1 + cnn.RAY_RETRIES
+    assert results[0].failed is None and results[0].model is not None
+    assert results[1].failed is not None and "node lost its disk" in results[1].failed
+    assert cnn.report_runs(cfg, arrays, results) == cnn.EXIT_FAILURE
+    study = json.loads((tmp_path / "plots" / "lr_study.json").read_text())
+    assert [r["failed_runs"] for r in study["rates"]] == [0, 1]
+    assert study["recommended_lr"] == 0.01 and (tmp_path / "m.keras").exists()
+
+
+TWO_CPUS = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import ConvolutionalNN
+sys.exit(ConvolutionalNN.main(sys.argv[1:]))
+"""
+
+
+def test_mirrored_on_two_logical_cpus_matches_a_single_device_run(tmp_path: Path, data_dir: Path,
+                                                                  trained: dict) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    flags = ["--data-dir", str(data_dir), *TINY, "--epochs", "2", "--distribute", "mirrored",
+             "--plots-dir", str(tmp_path / "plots"), "--model-path", str(tmp_path / "m.keras")]
+    mirrored = subprocess.run([sys.executable, "-c", TWO_CPUS, *flags], env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+    assert mirrored.returncode == 0, mirrored.stderr
+    assert "MirroredStrategy: 2 replica(s)" in mirrored.stdout
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in trained["plots"].iterdir())
+    result = json.loads((tmp_path / "plots" / "metrics.json").read_text())
+    single = json.loads((trained["plots"] / "metrics.json").read_text())  # the same flags on one device
+    # Each replica draws its own dropout masks, so the runs agree closely rather than exactly.
+    assert result["history"]["val_loss"] == pytest.approx(single["history"]["val_loss"], rel=0.15)
+    assert result["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.1)
+
+
+@pytest.mark.parametrize(("gpus", "flags", "expected"), [
+    ([], {"fpu", "avx2"}, "float32"),
+    ([], {"avx512f", "avx512_bf16"}, "bfloat16"),
+    ([], {"amx_bf16", "amx_tile"}, "bfloat16"),
+    ([(9, 0)], set(), "bfloat16"),
+    ([(7, 5), (8, 0)], set(), "float16"),
+    ([(6, 1)], {"amx_bf16"}, "float32"),
+])
+def test_auto_precision_picks_what_the_hardware_runs_fast(gpus: list, flags: set, expected: str) -> None:
+    precision, why = cnn.choose_precision("auto", gpus, flags)
+    assert precision == expected and why.startswith("auto:")
+    assert cnn.choose_precision("float16", gpus, flags) == ("float16", "asked for with --precision")

@@ -8,8 +8,10 @@ What it does
     Adam at learning rate 0.001 on a stratified 80/20 train/validation split,
     keeps the weights of the epoch with the best validation accuracy, evaluates
     them once on the 10,000 test images, and writes plots, metrics and the
-    model. Several values after ``--lr`` run the learning-rate study;
-    ``--predict`` classifies your own images with the saved model.
+    model. Several values after ``--lr`` run the learning-rate study, several
+    after ``--seed`` report the mean and spread over seeds, ``--ray`` spreads
+    those runs over a Ray cluster, ``--distribute mirrored`` one run over
+    several GPUs; ``--predict`` classifies your own images with the saved model.
 
 Result (see README.md for the full table and how it was measured)
     The default run's test accuracy, measured on the real data, is in
@@ -19,6 +21,8 @@ How to run
     python3 ConvolutionalNN.py                                   # default run
     python3 ConvolutionalNN.py --data-dir ~/fashion-mnist        # offline
     python3 ConvolutionalNN.py --lr 0.1 0.01 0.001 0.0001        # LR study
+    python3 ConvolutionalNN.py --seeds 0 1 2                     # mean ± std over seeds
+    python3 ConvolutionalNN.py --lr 0.01 0.001 --seeds 0 1 --ray # the runs as Ray tasks
     python3 ConvolutionalNN.py --predict shoe.jpg shirt.png      # classify
     python3 ConvolutionalNN.py --help                            # every flag
 """

@@ -40,6 +40,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -247,6 +248,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
             parser.error(f"{flag} lists a value twice; give each once")
     if a.resume and (a.predict or a.ray):
         parser.error("--resume applies to training runs on this machine, not to --predict or --ray")
+    if a.ray not in (None, "local", "auto") and not ray_address_parts(a.ray):
+        parser.error(f"--ray {a.ray}: give HOST:PORT, auto, or no value for a local Ray instance")
     if a.ray and a.distribute != "none":
         parser.error("--ray and --distribute mirrored do not combine; Ray gives each run its own devices")
     if a.json_output and not a.predict:
@@ -1145,6 +1148,25 @@ def connect_ray(address: str) -> tuple[Any, bool]:
     return ray, True
 
 
+def ray_address_parts(address: str) -> tuple[str, int] | None:
+    """(host, port) of a HOST:PORT address, or None if it is not one."""
+    host, _, port = address.rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else None
+
+
+def check_ray_reachable(address: str) -> None:
+    """Fail at once if nothing answers at a HOST:PORT cluster address (ray.init would retry for minutes)."""
+    parts = ray_address_parts(address)
+    if parts is None:
+        return
+    try:
+        with socket.create_connection(parts, timeout=10):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); "
+                        "start one with 'ray start --head', or check the address") from None
+
+
 def use_task_cpus() -> None:
     """Let TensorFlow use only the CPUs Ray gave this task, so parallel tasks don't fight over cores."""
     import ray
@@ -1568,6 +1590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.predict:
             return run_predict(cfg)
         check_writable(cfg.plots_dir, cfg.model_path.parent)
+        if cfg.ray:
+            check_ray_reachable(cfg.ray)
         arrays = load_arrays(cfg)
         data = split_data(arrays, cfg, cfg.seed)
         print(f"Data: {len(data.y_train)} training, {len(data.y_val)} validation, {len(data.y_test)} test images")

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ OUTPUTS = ["accuracy.png", "loss.png", "confusion_matrix.png", "predictions.png"
     (["--precision", "int8"], "invalid choice"),
     (["--ray", "--distribute", "mirrored"], "do not combine"),
     (["--ray", "--resume"], "--resume applies to training runs on this machine"),
+    (["--ray", "headnode"], "give HOST:PORT, auto, or no value"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags: list[str], message: str) -> None:
     proc = run_cli(*flags)
@@ -152,3 +154,14 @@ def test_failed_run_leaves_earlier_outputs_untouched(tmp_path: Path, trained: di
     proc = run_cli("--data-dir", bad, "--plots-dir", plots, "--model-path", model, *TINY)
     assert proc.returncode == 1
     assert (digest(plots), digest(model.parent)) == before
+
+
+def test_unreachable_ray_cluster_fails_at_once(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    proc = run_cli("--ray", f"127.0.0.1:{port}", "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras",
+                   timeout=60)
+    assert proc.returncode == 1
+    assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

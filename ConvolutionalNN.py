@@ -13,9 +13,10 @@ What it does
     those runs over a Ray cluster, ``--distribute mirrored`` one run over
     several GPUs; ``--predict`` classifies your own images with the saved model.
 
-Result (see README.md for the full table and how it was measured)
-    The default run's test accuracy, measured on the real data, is in
-    ``plots/metrics.json`` and in the README with the machine it ran on.
+Result (README.md has the table, the machine and how to reproduce it)
+    Test accuracy 92.69% +- 0.20% (mean +- sample std over seeds 0, 1, 2) with
+    the default flags on the real data, on a 2-core AMD EPYC (Zen 3) CPU at
+    about 3 minutes an epoch; the original project reported 92%.
 
 How to run
     python3 ConvolutionalNN.py                                   # default run

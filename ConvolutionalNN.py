@@ -1188,15 +1188,15 @@ def ray_task(cfg: Config, lr: float, seed: int) -> dict[str, Any]:
                   handle_signals=False, verbose=2)
     return {"history": r.history, "best_epoch": r.best_epoch, "best_value": r.best_value, "seconds": r.seconds,
             "diverged": r.diverged, "precision": r.precision, "node": platform.node(),
+            "steps_per_epoch": math.ceil(len(data.y_train) / cfg.batch_size),
             "weights": r.model.get_weights() if r.best_epoch is not None else None}
 
 
-def result_from_task(cfg: Config, arrays: Arrays, lr: float, seed: int, out: dict[str, Any]) -> TrainResult:
+def result_from_task(cfg: Config, lr: float, seed: int, out: dict[str, Any]) -> TrainResult:
     """Rebuild a run's model here from the weights its Ray task sent back."""
     model = None
     if out["weights"] is not None:
-        steps = math.ceil(len(split_data(arrays, cfg, seed).y_train) / cfg.batch_size)
-        model = build_model(cfg, lr, steps)
+        model = build_model(cfg, lr, out["steps_per_epoch"])
         model.set_weights(out["weights"])
     return TrainResult(model, lr, out["history"], out["best_epoch"], out["seconds"], out["diverged"],
                        seed=seed, precision=out["precision"], best_value=out["best_value"])
@@ -1218,7 +1218,7 @@ def train_on_ray(cfg: Config, arrays: Arrays, task: Any = ray_task) -> list[Trai
             [ref], _ = ray.wait(list(pending), num_returns=1)
             lr, seed = pending.pop(ref)
             try:
-                done[lr, seed] = result_from_task(cfg, arrays, lr, seed, ray.get(ref))
+                done[lr, seed] = result_from_task(cfg, lr, seed, ray.get(ref))
                 status = "diverged" if done[lr, seed].diverged else f"best {BEST_MONITOR} {done[lr, seed].best_value}"
             except ray.exceptions.RayError as e:
                 reason = first_line(getattr(e, "cause", None) or e)
@@ -1313,12 +1313,12 @@ def report_seeds(cfg: Config, arrays: Arrays, results: list[TrainResult]) -> int
     if not usable:
         print("error: no run of this rate finished an epoch; nothing was written.", file=sys.stderr)
         return EXIT_FAILURE if all(r.failed for r in results) else EXIT_DIVERGED
-    data = {r.seed: split_data(arrays, cfg, r.seed) for r in usable}
-    evals = {r.seed: evaluate(r.model, data[r.seed], cfg.batch_size) for r in usable}
+    keep = max(usable, key=lambda r: r.best_value)
+    data = split_data(arrays, cfg, keep.seed)  # every seed's split shares the one test set
+    evals = {r.seed: evaluate(r.model, data, cfg.batch_size) for r in usable}
     rows = [seed_row(r, evals.get(r.seed)) for r in results]
     acc_mean, acc_std = mean_std([ev.accuracy for ev in evals.values()])
     loss_mean, loss_std = mean_std([ev.loss for ev in evals.values()])
-    keep = max(usable, key=lambda r: r.best_value)
     print(f"\nTest results of lr={keep.lr:g} per seed:\n{format_seed_table(rows)}")
     spread = f" ± {acc_std:.2%} (mean ± sample std)" if acc_std is not None else ""
     print(f"Test accuracy over {len(evals)} seed(s): {acc_mean:.2%}{spread}")
@@ -1328,7 +1328,7 @@ def report_seeds(cfg: Config, arrays: Arrays, results: list[TrainResult]) -> int
                "test_loss_mean": loss_mean, "test_loss_std": loss_std,
                "std_is": "sample standard deviation (ddof=1) over seeds",
                "saved_seed": keep.seed, "saved_seed_selected_by": BEST_MONITOR}
-    write_run_outputs(cfg, data[keep.seed], keep, evals[keep.seed], summary)
+    write_run_outputs(cfg, data, keep, evals[keep.seed], summary)
     print(f"Model: {cfg.model_path}; plots and metrics: {cfg.plots_dir}/")
     if any(r.diverged for r in usable):
         print("error: some seeds diverged (loss became NaN or infinite); their best epochs before that were "

@@ -1202,7 +1202,7 @@ def result_from_task(cfg: Config, lr: float, seed: int, out: dict[str, Any]) -> 
                        seed=seed, precision=out["precision"], best_value=out["best_value"])
 
 
-def train_on_ray(cfg: Config, arrays: Arrays, task: Any = ray_task) -> list[TrainResult]:
+def train_on_ray(cfg: Config, task: Any = ray_task) -> list[TrainResult]:
     """Run every (rate, seed) as a Ray task; a task that still fails after its retries is reported as failed."""
     ray, connected = connect_ray(cfg.ray or "local")
     try:
@@ -1234,7 +1234,7 @@ def train_on_ray(cfg: Config, arrays: Arrays, task: Any = ray_task) -> list[Trai
 def run_many(cfg: Config, arrays: Arrays) -> int:
     """Train every (rate, seed) run, here or on Ray, then compare the rates and report the seeds."""
     if cfg.ray:
-        results = train_on_ray(cfg, arrays)
+        results = train_on_ray(cfg)
     else:
         prepare_resume_root(cfg)
         results = train_in_turn(cfg, arrays)

@@ -694,8 +694,13 @@ def journal_callback(state: RunState, folder: Path) -> Any:
     return Journal()
 
 
+def progress_verbosity() -> int:
+    """Keras progress bars on a terminal; one line per epoch when output goes to a log file or pipe."""
+    return 1 if sys.stdout.isatty() else 2
+
+
 def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
-          handle_signals: bool = True, verbose: str | int = "auto") -> TrainResult:
+          handle_signals: bool = True, verbose: int | None = None) -> TrainResult:
     """Train a model at learning rate lr with seed (or resume it from folder); end with the best epoch's weights."""
     import keras
 
@@ -713,6 +718,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
             keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
             keras.callbacks.TerminateOnNaN(),
         ]
+        verbose = progress_verbosity() if verbose is None else verbose
         interrupted_by = fit(cfg, model, data, callbacks, handle_signals, verbose, folder)
     if state.best_weights is not None:
         model.set_weights(state.best_weights)
@@ -724,7 +730,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
                        interrupted_by, seed=seed, precision=precision, best_value=state.best_value)
 
 
-def fit(cfg: Config, model: Any, data: Dataset, callbacks: list[Any], handle_signals: bool, verbose: str | int,
+def fit(cfg: Config, model: Any, data: Dataset, callbacks: list[Any], handle_signals: bool, verbose: int,
         folder: Path) -> int | None:
     """model.fit with the run's callbacks; the number of the signal that stopped it, if one did."""
     stops = stop_requests() if handle_signals else contextlib.nullcontext([])

@@ -99,6 +99,12 @@ def test_one_epoch_run_writes_every_output(trained: dict) -> None:
     assert "Test accuracy:" in out and "Ankle boot" in out and "T-shirt/top" in out
 
 
+def test_output_to_a_log_file_has_one_line_per_epoch_not_progress_bars(trained: dict) -> None:
+    out = trained["proc"].stdout
+    assert "\u2501" not in out and "\r" not in out, "progress bars belong on a terminal, not in a log"
+    assert len([line for line in out.splitlines() if "val_loss" in line]) == 2
+
+
 def test_saved_model_reloads_to_the_same_accuracy(trained: dict, test_arrays) -> None:
     import keras
 

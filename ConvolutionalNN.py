@@ -700,7 +700,7 @@ def progress_verbosity() -> int:
 
 
 def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
-          handle_signals: bool = True, verbose: int | None = None) -> TrainResult:
+          handle_signals: bool = True) -> TrainResult:
     """Train a model at learning rate lr with seed (or resume it from folder); end with the best epoch's weights."""
     import keras
 
@@ -718,8 +718,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
             keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
             keras.callbacks.TerminateOnNaN(),
         ]
-        verbose = progress_verbosity() if verbose is None else verbose
-        interrupted_by = fit(cfg, model, data, callbacks, handle_signals, verbose, folder)
+        interrupted_by = fit(cfg, model, data, callbacks, handle_signals, folder)
     if state.best_weights is not None:
         model.set_weights(state.best_weights)
     if interrupted_by is None and not state.finished:
@@ -730,14 +729,14 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
                        interrupted_by, seed=seed, precision=precision, best_value=state.best_value)
 
 
-def fit(cfg: Config, model: Any, data: Dataset, callbacks: list[Any], handle_signals: bool, verbose: int,
+def fit(cfg: Config, model: Any, data: Dataset, callbacks: list[Any], handle_signals: bool,
         folder: Path) -> int | None:
     """model.fit with the run's callbacks; the number of the signal that stopped it, if one did."""
     stops = stop_requests() if handle_signals else contextlib.nullcontext([])
     with stops as received:
         try:
             model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
-                      epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose=verbose,
+                      epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose=progress_verbosity(),
                       callbacks=[*callbacks, interrupt_callback(received)])
         except TrainingInterrupted as stop:
             return stop.signum
@@ -1191,7 +1190,7 @@ def ray_task(cfg: Config, lr: float, seed: int) -> dict[str, Any]:
     data = load_data(cfg, seed)
     with tempfile.TemporaryDirectory(prefix="fashion_cnn_run_") as folder:
         r = train(dataclasses.replace(cfg, resume=False), data, lr, seed, Path(folder),
-                  handle_signals=False, verbose=2)
+                  handle_signals=False)
     return {"history": r.history, "best_epoch": r.best_epoch, "best_value": r.best_value, "seconds": r.seconds,
             "diverged": r.diverged, "precision": r.precision, "node": platform.node(),
             "steps_per_epoch": math.ceil(len(data.y_train) / cfg.batch_size),

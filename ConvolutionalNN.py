@@ -1347,6 +1347,15 @@ def report_seeds(cfg: Config, arrays: Arrays, results: list[TrainResult]) -> int
 # ----------------------------------------------------------------------------
 
 STUDY_FIELDS = ("best_val_loss", "best_val_loss_epoch", "best_val_accuracy", "final_val_loss", "final_val_accuracy")
+# A run whose best validation accuracy stays below this never learned (chance is 1/10): with too high a rate the
+# network can die at chance level without its loss ever becoming NaN, so "diverged" alone would not show it.
+STALLED_BELOW_ACCURACY = 1.5 / len(CLASS_NAMES)
+
+
+def stalled_at_chance(row: dict[str, Any]) -> bool:
+    """True for a rate that did not diverge yet never got clearly above chance-level validation accuracy."""
+    acc = row.get("best_val_accuracy")
+    return not row["diverged"] and acc is not None and acc < STALLED_BELOW_ACCURACY
 
 
 def study_row(result: TrainResult) -> dict[str, Any]:
@@ -1378,6 +1387,7 @@ def rate_row(lr: float, results: list[TrainResult]) -> dict[str, Any]:
     row["epochs_completed"] = max((r["epochs_completed"] for r in ok), default=0)
     row["training_seconds"] = round(sum(r["training_seconds"] for r in ok), 2)
     row["diverged"] = any(r["diverged"] for r in ok)
+    row["stalled_at_chance"] = stalled_at_chance(row)
     row["failed_runs"] = len(runs) - len(ok)
     row["runs"] = runs
     return row
@@ -1400,6 +1410,8 @@ def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None
     lines = [header]
     for r in rows:
         status = "diverged" if r["diverged"] else ("recommended" if r is chosen else "")
+        if stalled_at_chance(r):
+            status = f"{status} stalled at chance level".strip()
         if r["failed_runs"]:
             status += f" ({r['failed_runs']} run(s) failed)"
         lines.append(f"{r['lr']:>10g} {cell(r, 'best_val_loss', '.4f'):>17} {cell(r, 'best_val_loss_epoch', 'g'):>10} "
@@ -1440,8 +1452,9 @@ def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
         ok = [r for r in results if r.failed is None]
         if not ok:
             continue
-        color, diverged = f"C{i}", any(r.diverged for r in ok)
-        label = f"lr {lr:g}" + (" (diverged)" if diverged else "")
+        row = rate_row(lr, ok)
+        color, diverged = f"C{i}", row["diverged"]
+        label = f"lr {lr:g}" + (" (diverged)" if diverged else " (stalled at chance)" if row["stalled_at_chance"] else "")
         val_mean, val_std = mean_curve(ok, "val_loss")
         train_mean, _ = mean_curve(ok, "loss")
         epochs = np.arange(1, len(val_mean) + 1)

@@ -43,6 +43,24 @@ def test_a_single_diverging_run_says_to_lower_the_rate(tmp_path: Path, data_dir:
     assert "smaller --lr" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_rate_stuck_at_chance_is_called_stalled_not_healthy(tmp_path: Path) -> None:
+    """Like lr 0.1 on the real data: no NaN, yet validation accuracy stays at 10% for every epoch."""
+    def run(lr: float, val_acc: list[float], val_loss: list[float]) -> cnn.TrainResult:
+        history = {"loss": val_loss, "val_loss": val_loss, "accuracy": val_acc, "val_accuracy": val_acc}
+        return cnn.TrainResult(None, lr, history, int(np.argmin(val_loss)) + 1, 1.0)
+
+    by_rate = {0.1: [run(0.1, [0.1, 0.1, 0.1], [2.3055, 2.3030, 2.3026])],
+               0.001: [run(0.001, [0.80, 0.86, 0.89], [0.55, 0.38, 0.30])]}
+    rows = [cnn.rate_row(lr, results) for lr, results in by_rate.items()]
+    assert [r["stalled_at_chance"] for r in rows] == [True, False]
+    assert [r["diverged"] for r in rows] == [False, False]
+    table = cnn.format_study_table(rows, cnn.recommend(rows)).splitlines()
+    assert table[1].split()[0] == "0.1" and table[1].endswith("stalled at chance level")
+    assert table[2].split()[0] == "0.001" and table[2].endswith("recommended")
+    cnn.plot_study(by_rate, tmp_path / "lr_study.png")
+    assert (tmp_path / "lr_study.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def save_image(path: Path, image: Image.Image) -> Path:
     image.save(path)
     return path

@@ -557,11 +557,18 @@ class TrainResult:
     failed: str | None = None          # why the run failed (a Ray task that could not finish)
 
 
-def seed_everything(seed: int) -> None:
-    """Same seed, same machine, same flags: the same run."""
+def seed_everything(seed: int, epochs_done: int = 0) -> None:
+    """Same seed, same machine, same flags: the same run.
+
+    BackupAndRestore does not save the dropout layers' random state, so a run resumed after k epochs and
+    seeded like a fresh one would replay its first k epochs' dropout masks. Resumed runs therefore draw
+    from streams seeded by (seed, k): new, and still repeatable.
+    """
     import keras
     import tensorflow as tf
 
+    if epochs_done:
+        seed = int(np.random.SeedSequence([seed, epochs_done]).generate_state(1)[0])
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
 
@@ -706,8 +713,8 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
 
     precision, why = set_precision(cfg.precision)
     print(f"Precision: {precision} ({why})", flush=True)
-    seed_everything(seed)
     state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
+    seed_everything(seed, len(state.history.get("loss", [])))
     steps = math.ceil(len(data.y_train) / cfg.batch_size)
     with distribution_scope(cfg.distribute):
         model = build_model(cfg, lr, steps)

@@ -557,18 +557,11 @@ class TrainResult:
     failed: str | None = None          # why the run failed (a Ray task that could not finish)
 
 
-def seed_everything(seed: int, epochs_done: int = 0) -> None:
-    """Same seed, same machine, same flags: the same run.
-
-    BackupAndRestore does not save the dropout layers' random state, so a run resumed after k epochs and
-    seeded like a fresh one would replay its first k epochs' dropout masks. Resumed runs therefore draw
-    from streams seeded by (seed, k): new, and still repeatable.
-    """
+def seed_everything(seed: int) -> None:
+    """Same seed, same machine, same flags: the same run."""
     import keras
     import tensorflow as tf
 
-    if epochs_done:
-        seed = int(np.random.SeedSequence([seed, epochs_done]).generate_state(1)[0])
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
 
@@ -701,6 +694,44 @@ def journal_callback(state: RunState, folder: Path) -> Any:
     return Journal()
 
 
+def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, model: Any) -> tuple[Any, Any]:
+    """Training batches and dropout masks that are a function of (seed, epoch): a tf.data set and its callback.
+
+    fit(shuffle=True) would draw its permutation from the global seed once per epoch's iterator, which
+    with a seed set is the same permutation every epoch; and BackupAndRestore saves neither that nor the
+    dropout layers' random state. Keyed by epoch, every epoch gets a new order and new masks, and a
+    resumed run sees exactly the batches and masks the uninterrupted run would have.
+    """
+    import keras
+    import tensorflow as tf
+
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    steps = math.ceil(len(y) / batch_size)
+    images, labels = tf.constant(x), tf.constant(y)
+
+    def epoch_order(_: Any) -> Any:
+        key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
+        return tf.random.experimental.stateless_shuffle(tf.range(len(y), dtype=tf.int64), seed=key)
+
+    batches = (tf.data.Dataset.range(1).map(epoch_order)
+               .flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+               .map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)), num_parallel_calls=tf.data.AUTOTUNE)
+               .apply(tf.data.experimental.assert_cardinality(steps))
+               .prefetch(tf.data.AUTOTUNE))
+    generators = [layer.seed_generator for layer in model.layers if hasattr(layer, "seed_generator")]
+    layer_seeds = [int(g.state.numpy()[0]) for g in generators]
+
+    class EpochStreams(keras.callbacks.Callback):
+        def on_epoch_begin(self, number: int, logs: dict | None = None) -> None:
+            epoch.assign(number)
+            for generator, layer_seed in zip(generators, layer_seeds, strict=True):
+                # state is (key, draws so far); TensorFlow folds the key below 2**31, so mix the epoch into it
+                key = np.random.SeedSequence([layer_seed, number]).generate_state(1)[0] % (2**31 - 2)
+                generator.state.assign([int(key), 0])
+
+    return batches, EpochStreams()
+
+
 def progress_verbosity() -> int:
     """Keras progress bars on a terminal; one line per epoch when output goes to a log file or pipe."""
     return 1 if sys.stdout.isatty() else 2
@@ -714,7 +745,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
     precision, why = set_precision(cfg.precision)
     print(f"Precision: {precision} ({why})", flush=True)
     state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
-    seed_everything(seed, len(state.history.get("loss", [])))
+    seed_everything(seed)
     steps = math.ceil(len(data.y_train) / cfg.batch_size)
     with distribution_scope(cfg.distribute):
         model = build_model(cfg, lr, steps)
@@ -725,7 +756,9 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
             keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
             keras.callbacks.TerminateOnNaN(),
         ]
-        interrupted_by = fit(cfg, model, data, callbacks, handle_signals, folder)
+        batches, streams = epoch_streams(data.x_train, data.y_train, cfg.batch_size, seed, model)
+        interrupted_by = fit(cfg, model, batches, (data.x_val, data.y_val), [streams, *callbacks],
+                             handle_signals, folder)
     if state.best_weights is not None:
         model.set_weights(state.best_weights)
     if interrupted_by is None and not state.finished:
@@ -736,15 +769,14 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
                        interrupted_by, seed=seed, precision=precision, best_value=state.best_value)
 
 
-def fit(cfg: Config, model: Any, data: Dataset, callbacks: list[Any], handle_signals: bool,
-        folder: Path) -> int | None:
+def fit(cfg: Config, model: Any, batches: Any, validation: tuple[np.ndarray, np.ndarray], callbacks: list[Any],
+        handle_signals: bool, folder: Path) -> int | None:
     """model.fit with the run's callbacks; the number of the signal that stopped it, if one did."""
     stops = stop_requests() if handle_signals else contextlib.nullcontext([])
     with stops as received:
         try:
-            model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
-                      epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose=progress_verbosity(),
-                      callbacks=[*callbacks, interrupt_callback(received)])
+            model.fit(batches, validation_data=validation, validation_batch_size=cfg.batch_size, epochs=cfg.epochs,
+                      verbose=progress_verbosity(), callbacks=[*callbacks, interrupt_callback(received)])
         except TrainingInterrupted as stop:
             return stop.signum
         except (OSError, ValueError) as e:

@@ -7,7 +7,10 @@ Run by hand, not in CI (it takes minutes and needs a quiet machine):
 
 Variants, alternated in every repeat so that machine noise hits them alike:
   plain-float32   float32 arrays scaled in NumPy, fed to model.fit (the textbook path)
-  program         ConvolutionalNN.build_model: uint8 arrays, scaling inside the model
+  program         ConvolutionalNN.build_model: uint8 arrays, scaling inside the model, fed
+                  by ConvolutionalNN.epoch_streams (a new batch order every epoch)
+  program-arrays  the same model fed the arrays by fit(shuffle=True) (the input path
+                  before epoch_streams; not a choice the program offers)
   program-bf16    the same under Keras's mixed_bfloat16 policy (fast only where the
                   CPU has AVX512-BF16/AMX, or on a GPU)
 Prints steady-state images/s (median, min, max over repeats, first epoch of each fit
@@ -50,14 +53,18 @@ def plain_float32_model(cfg: cnn.Config) -> object:
     return plain
 
 
-def time_epochs(model: object, x: np.ndarray, y: np.ndarray, batch: int, epochs: int) -> list[float]:
-    """Seconds of each epoch of one fit() call."""
+def time_epochs(model: object, x: np.ndarray, y: np.ndarray, batch: int, epochs: int, program: bool) -> list[float]:
+    """Seconds of each epoch of one fit() call; program: fed by the program's own per-epoch-shuffled batches."""
     import keras
 
     marks: list[float] = []
     clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: marks.append(time.perf_counter()),
                                            on_epoch_end=lambda e, logs: marks.append(time.perf_counter()))
-    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=True, callbacks=[clock])
+    if program:
+        batches, streams = cnn.epoch_streams(x, y, batch, 0, model)
+        model.fit(batches, epochs=epochs, verbose=0, callbacks=[streams, clock])
+    else:
+        model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=True, callbacks=[clock])
     return [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
 
 
@@ -110,7 +117,8 @@ def main() -> int:
                 model, inputs = plain_float32_model(cfg), x_float
             else:
                 model, inputs = cnn.build_model(cfg, cfg.lr, steps_per_epoch=100), x
-            seconds = time_epochs(model, inputs, y, cfg.batch_size, a.epochs)[1:]
+            streams = variant in ("program", "program-bf16")
+            seconds = time_epochs(model, inputs, y, cfg.batch_size, a.epochs, streams)[1:]
             rates[variant] += [len(x) / s for s in seconds]
             print(f"repeat {r + 1}/{a.repeats} {variant:>14}: " + ", ".join(f"{len(x) / s:,.0f}" for s in seconds)
                   + " img/s", flush=True)

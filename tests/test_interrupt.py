@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ConvolutionalNN as cnn
@@ -126,23 +127,38 @@ def test_interrupted_study_resumes_without_retraining_finished_runs(tmp_path: Pa
     assert not (tmp_path / ".m.resume").exists()
 
 
-def test_a_resumed_run_does_not_replay_its_first_epochs_dropout_masks() -> None:
-    """Resumed after k epochs, a run must not reuse the dropout masks of its first k epochs.
-
-    Keras does not save the dropout layers' random state with the weights. Replayed (image, mask) pairs that
-    the network has already fitted make the training loss read low until the replay ends (seen on the real
-    data: lr 0.0001, killed in epoch 10 and resumed, read 0.325 in epoch 18 and 0.343 in epoch 19).
-    """
+def test_every_epoch_gets_its_own_batch_order_and_dropout_masks() -> None:
+    """fit(shuffle=True) with a seed set gives the same order every epoch; the epoch streams must not."""
     import keras
 
     cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8"])
+    cnn.seed_everything(0)
+    model = cnn.build_model(cfg, 0.01, 10)
+    labels = np.arange(64, dtype=np.uint8)
+    batches, streams = cnn.epoch_streams(np.zeros((64, 28, 28, 1), np.uint8), labels, 16, 0, model)
+    dropout = [layer.seed_generator for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
 
-    def dropout_streams(epochs_done: int) -> list[list[int]]:
-        cnn.seed_everything(0, epochs_done)
-        model = cnn.build_model(cfg, 0.01, 10)
-        return [layer.seed_generator.state.numpy().tolist() for layer in model.layers
-                if isinstance(layer, keras.layers.Dropout)]
+    def epoch(number: int) -> tuple[list[int], list[list[int]]]:
+        streams.on_epoch_begin(number)
+        order = [int(v) for _, y in batches for v in y.numpy()]
+        return order, [g.state.numpy().tolist() for g in dropout]
 
-    fresh, resumed = dropout_streams(0), dropout_streams(3)
-    assert fresh == dropout_streams(0) and resumed == dropout_streams(3), "each stays repeatable"
-    assert all(r[0] != f[0] for r, f in zip(resumed, fresh, strict=True)), "dropout masks replayed"
+    first, second = epoch(0), epoch(1)
+    assert sorted(first[0]) == labels.tolist(), "each epoch sees every image once"
+    assert first[0] != second[0], "same batch order in consecutive epochs"
+    assert all(a != b for a, b in zip(first[1], second[1], strict=True)), "same dropout masks in consecutive epochs"
+    assert epoch(0) == first and epoch(1) == second, "an epoch's order and masks depend on (seed, epoch) alone"
+
+
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path, data_dir: Path) -> None:
+    """Interrupted in epoch 3 and resumed, a run sees the batches and masks it would have seen anyway."""
+    interrupted = interrupted_run(tmp_path / "a", data_dir, 3, signal.SIGINT)
+    assert run_cli(*interrupted, "--resume").returncode == 0
+    straight = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path / "b" / "plots",
+                       "--model-path", tmp_path / "b" / "m.keras", *TINY, "--limit", "6400", "--epochs", "4")
+    assert straight.returncode == 0, straight.stderr
+    resumed, uninterrupted = (json.loads((tmp_path / run / "plots" / "metrics.json").read_text())
+                              for run in ("a", "b"))
+    for key in ("loss", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(resumed["history"][key], uninterrupted["history"][key], rtol=1e-5, err_msg=key)
+    assert resumed["test_accuracy"] == pytest.approx(uninterrupted["test_accuracy"], abs=1e-6)

@@ -776,6 +776,7 @@ def fit(cfg: Config, model: Any, batches: Any, validation: tuple[np.ndarray, np.
     with stops as received:
         try:
             model.fit(batches, validation_data=validation, validation_batch_size=cfg.batch_size, epochs=cfg.epochs,
+                      shuffle=False,  # batches come shuffled, per epoch (Keras warns when given True)
                       verbose=progress_verbosity(), callbacks=[*callbacks, interrupt_callback(received)])
         except TrainingInterrupted as stop:
             return stop.signum

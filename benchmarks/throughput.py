@@ -62,7 +62,7 @@ def time_epochs(model: object, x: np.ndarray, y: np.ndarray, batch: int, epochs:
                                            on_epoch_end=lambda e, logs: marks.append(time.perf_counter()))
     if program:
         batches, streams = cnn.epoch_streams(x, y, batch, 0, model)
-        model.fit(batches, epochs=epochs, verbose=0, callbacks=[streams, clock])
+        model.fit(batches, epochs=epochs, verbose=0, shuffle=False, callbacks=[streams, clock])
     else:
         model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=True, callbacks=[clock])
     return [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]

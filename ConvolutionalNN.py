@@ -16,7 +16,8 @@ What it does
 Result (README.md has the table, the machine and how to reproduce it)
     Test accuracy 92.69% +- 0.20% (mean +- sample std over seeds 0, 1, 2) with
     the default flags on the real data, on a 2-core AMD EPYC (Zen 3) CPU at
-    about 3 minutes an epoch; the original project reported 92%.
+    about 3 minutes an epoch; the original project reported 92%. With the
+    per-epoch batch order of this version, seed 0 gives 92.71% (92.79% before).
 
 How to run
     python3 ConvolutionalNN.py                                   # default run

@@ -745,8 +745,8 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
 
     precision, why = set_precision(cfg.precision)
     print(f"Precision: {precision} ({why})", flush=True)
-    state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
     seed_everything(seed)
+    state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
     steps = math.ceil(len(data.y_train) / cfg.batch_size)
     with distribution_scope(cfg.distribute):
         model = build_model(cfg, lr, steps)
@@ -1451,7 +1451,7 @@ def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None
     lines = [header]
     for r in rows:
         status = "diverged" if r["diverged"] else ("recommended" if r is chosen else "")
-        if stalled_at_chance(r):
+        if r["stalled_at_chance"]:
             status = f"{status} stalled at chance level".strip()
         if r["failed_runs"]:
             status += f" ({r['failed_runs']} run(s) failed)"

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -78,6 +79,74 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------
+# TensorFlow, imported quietly
+# ----------------------------------------------------------------------------
+
+# C++ log lines that TensorFlow writes while it loads, before it applies TF_CPP_MIN_LOG_LEVEL: absl's banner and
+# lines like "I0000 00:00:1795926651.110019 2377 port.cc:153] oneDNN custom operations are on. ..." (CPUs with
+# AVX512-VNNI, AVX512-BF16, AMX or AVX-VNNI, where oneDNN is on by default).
+ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+NATIVE_LOG_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] "                          # absl
+                             r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ([IWEF]) \S+:\d+\] ")  # older TF
+LOG_LEVELS = "IWEF"  # TF_CPP_MIN_LOG_LEVEL n hides the first n of these; FATAL is always shown
+
+
+def is_startup_noise(line: str, min_level: int) -> bool:
+    """True for a TensorFlow start-up log line that TF_CPP_MIN_LOG_LEVEL=min_level should have hidden."""
+    if line.rstrip("\n") == ABSL_BANNER:
+        return min_level >= 1
+    match = NATIVE_LOG_LINE.match(line)
+    return bool(match) and LOG_LEVELS.index(match.group(1) or match.group(2)) < min(min_level, 3)
+
+
+@contextlib.contextmanager
+def native_stderr_filtered(min_level: int) -> Iterator[None]:
+    """Capture file descriptor 2 (where C++ writes) for the block, then pass on every line but start-up noise."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            sys.stderr.write("".join(line for line in text.splitlines(keepends=True)
+                                     if not is_startup_noise(line, min_level)))
+            sys.stderr.flush()
+
+
+def import_keras() -> Any:
+    """Keras (on TensorFlow), imported once with TensorFlow's start-up log lines kept off stderr.
+
+    Every use of TensorFlow or Keras in this script goes through here (or import_tensorflow), so that no
+    path (training, the study, --predict, Ray tasks) prints them.
+    """
+    if "keras" not in sys.modules:
+        try:
+            level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+        except ValueError:
+            level = 0
+        with native_stderr_filtered(level):
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401 - Keras's backend
+    return sys.modules["keras"]
+
+
+def import_tensorflow() -> Any:
+    """TensorFlow, imported quietly (see import_keras)."""
+    import_keras()
+    return sys.modules["tensorflow"]
 
 
 # ----------------------------------------------------------------------------
@@ -330,7 +399,7 @@ def read_idx_folder(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 def download_with_keras() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The four arrays through keras.datasets (downloads once, then uses its cache)."""
-    import keras
+    keras = import_keras()
 
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
@@ -413,7 +482,7 @@ def cpu_flags() -> set[str]:
 
 def gpu_capabilities() -> list[tuple[int, int]]:
     """CUDA compute capability of each visible GPU ((0, 0) where TensorFlow does not say)."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     caps = []
     for gpu in tf.config.list_physical_devices("GPU"):
@@ -443,7 +512,7 @@ def choose_precision(requested: str, gpus: list[tuple[int, int]], flags: set[str
 
 def set_precision(requested: str) -> tuple[str, str]:
     """Resolve --precision on this machine and make it Keras's global dtype policy."""
-    import keras
+    keras = import_keras()
 
     precision, why = choose_precision(requested, gpu_capabilities(), cpu_flags())
     keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
@@ -454,7 +523,7 @@ def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
     """Where to build the model: a MirroredStrategy's scope with --distribute mirrored, else nowhere special."""
     if distribute != "mirrored":
         return contextlib.nullcontext()
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     # Every GPU; without one, every logical CPU device (one, unless the caller split the CPU for testing).
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
@@ -471,9 +540,8 @@ def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
 
 def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
     """The CNN, compiled with Adam; pixels are scaled to [0, 1] inside the model."""
-    import keras
-    from keras import layers
-
+    keras = import_keras()
+    layers = keras.layers
     model = keras.Sequential(name="fashion_cnn")
     model.add(keras.Input(shape=(IMAGE_SIDE, IMAGE_SIDE, 1), dtype="uint8", name="image"))
     model.add(layers.Rescaling(1 / 255, name="scale"))
@@ -531,7 +599,7 @@ def stop_requests() -> Iterator[list[int]]:
 
 def interrupt_callback(received: list[int]) -> Any:
     """A Keras callback that aborts fit() once a stop signal has been recorded."""
-    import keras
+    keras = import_keras()
 
     class StopOnSignal(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -560,8 +628,7 @@ class TrainResult:
 
 def seed_everything(seed: int) -> None:
     """Same seed, same machine, same flags: the same run."""
-    import keras
-    import tensorflow as tf
+    keras, tf = import_keras(), import_tensorflow()
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
@@ -669,7 +736,7 @@ def journal_callback(state: RunState, folder: Path) -> Any:
     EarlyStopping(restore_best_weights=True) does the first half, but forgets
     everything on a resumed fit(); this keeps it in `state`, on disk.
     """
-    import keras
+    keras = import_keras()
 
     class Journal(keras.callbacks.Callback):
         def on_train_begin(self, logs: dict | None = None) -> None:
@@ -703,13 +770,13 @@ def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, mode
     dropout layers' random state. Keyed by epoch, every epoch gets a new order and new masks, and a
     resumed run sees exactly the batches and masks the uninterrupted run would have.
     """
-    import keras
-    import tensorflow as tf
+    keras, tf = import_keras(), import_tensorflow()
 
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     steps = math.ceil(len(y) / batch_size)
     images, labels = tf.constant(x), tf.constant(y)
 
+    @tf.autograph.experimental.do_not_convert  # plain TensorFlow ops; AutoGraph fails on it in Ray tasks
     def epoch_order(_: Any) -> Any:
         key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
         return tf.random.experimental.stateless_shuffle(tf.range(len(y), dtype=tf.int64), seed=key)
@@ -741,7 +808,7 @@ def progress_verbosity() -> int:
 def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
           handle_signals: bool = True) -> TrainResult:
     """Train a model at learning rate lr with seed (or resume it from folder); end with the best epoch's weights."""
-    import keras
+    keras = import_keras()
 
     precision, why = set_precision(cfg.precision)
     print(f"Precision: {precision} ({why})", flush=True)
@@ -831,21 +898,60 @@ def print_evaluation(ev: Evaluation) -> None:
 # Writing outputs (each file appears whole or not at all)
 # ----------------------------------------------------------------------------
 
+_staged: list[tuple[Path, Path]] | None = None  # (temporary, final) files while an output_set() is open
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success, fsync and rename it into place."""
+    """Yield a temporary path beside `path`; on success, fsync it and rename it into place.
+
+    Inside output_set() the rename waits for the end of the set. A failed write names the file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.chmod(0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    kept = False
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if _staged is None:
+            os.replace(tmp, path)
+        else:
+            _staged.append((tmp, path))
+            kept = True
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or first_line(e)})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if not kept:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_set(retry_hint: str = "") -> Iterator[None]:
+    """The files written inside this block appear together when it ends; if it fails, none of them do.
+
+    So a run that fails part-way through writing (a full disk, say) leaves the earlier run's set as it was,
+    instead of new plots beside an old metrics.json. retry_hint ends the error message.
+    """
+    global _staged
+    _staged = staged = []
+    try:
+        yield
+    except BaseException as e:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, UserError):
+            raise UserError(f"{e}; none of this run's outputs were written and the earlier ones are as they "
+                            f"were{retry_hint}", e.exit_code) from None
+        raise
+    else:
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        _staged = None
 
 
 def current_umask() -> int:
@@ -1002,11 +1108,10 @@ def write_history_csv(history: dict[str, list[float]], path: Path) -> None:
 
 def library_versions() -> dict[str, str]:
     """Versions of everything that shapes the numbers."""
-    import keras
     import matplotlib
     import sklearn
-    import tensorflow as tf
 
+    keras, tf = import_keras(), import_tensorflow()
     return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": np.__version__, "scikit-learn": sklearn.__version__, "matplotlib": matplotlib.__version__}
 
@@ -1123,6 +1228,9 @@ def finish_run(cfg: Config, data: Dataset, result: TrainResult) -> int:
     return 0
 
 
+RETRY_WITH_RESUME = "; to write them without training again, run the same command with --resume"
+
+
 def signal_exit_code(signum: int) -> int:
     """The shell's convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
     return 128 + signum
@@ -1132,7 +1240,8 @@ def run_single(cfg: Config, data: Dataset) -> int:
     """Train one model at cfg.lr with cfg.seed, evaluate it on the test set, write everything."""
     prepare_resume_root(cfg)
     result = train(cfg, data, cfg.lr, cfg.seed, resume_root(cfg))
-    code = finish_run(cfg, data, result)
+    with output_set(RETRY_WITH_RESUME):
+        code = finish_run(cfg, data, result)
     if result.interrupted_by is None:
         shutil.rmtree(resume_root(cfg), ignore_errors=True)
     return code
@@ -1187,6 +1296,9 @@ def connect_ray(address: str) -> tuple[Any, bool]:
         return ray, False
     import logging
 
+    # Ray 2.52+ announces on stderr that it turned its token authentication on; that is the safe default, not news.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled for this Ray cluster"))
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"]}})
@@ -1217,7 +1329,7 @@ def check_ray_reachable(address: str) -> None:
 def use_task_cpus() -> None:
     """Let TensorFlow use only the CPUs Ray gave this task, so parallel tasks don't fight over cores."""
     import ray
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     with contextlib.suppress(RuntimeError):  # a reused worker process has set them already
@@ -1290,7 +1402,8 @@ def run_many(cfg: Config, arrays: Arrays) -> int:
                   f"far are saved in {resume_root(cfg)}. To continue, run the same command with --resume.",
                   file=sys.stderr)
             return signal_exit_code(stopped)
-    code = report_runs(cfg, arrays, results)
+    with output_set("" if cfg.ray else RETRY_WITH_RESUME):
+        code = report_runs(cfg, arrays, results)
     if not cfg.ray:
         shutil.rmtree(resume_root(cfg), ignore_errors=True)
     return code
@@ -1551,27 +1664,69 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+PREDICT_MAX_PIXELS = 200_000_000  # larger images are refused (a 200-megapixel phone photo still passes)
+DEEP_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": None, "F": None}  # full scale
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
+
+
+def deep_full_scale(mode: str, values: np.ndarray) -> float:
+    """The value that means white in a 16-bit, 32-bit integer or float image.
+
+    16-bit modes declare it; 32-bit integer and float images do not, so they get the smallest of the usual
+    ranges that holds their brightest pixel: [0, 1] (floats only), 8, 16 or 31 bits.
+    """
+    if DEEP_MODES[mode]:
+        return float(DEEP_MODES[mode])
+    brightest = float(np.nanmax(values)) if values.size else 0.0
+    scales = ((1.0,) if mode == "F" else ()) + (255.0, 65535.0, 2.0**31 - 1)
+    return next((scale for scale in scales if brightest <= scale), brightest)
+
+
+def to_grayscale(img: Any) -> Any:
+    """Any image Pillow opens, as 8-bit grayscale: deep images scaled (not clipped), transparency as white."""
+    from PIL import Image
+
+    if img.mode in DEEP_MODES:
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scaled = np.clip(np.rint(values * (255 / deep_full_scale(img.mode, values))), 0, 255)
+        return Image.fromarray(scaled.astype(np.uint8), "L")
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))  # transparent parts become white background
+    if img.mode == "LAB":  # Pillow cannot convert LAB; its L channel is the lightness
+        return img.getchannel("L")
+    return img.convert("L")
+
+
+def open_image(path: Path) -> Any:
+    """Decode an image file as 8-bit grayscale, upright, or say in one line why it cannot be."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's decompression-bomb guard warns on stderr; the check below replaces it
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > PREDICT_MAX_PIXELS:
+                raise UserError(f"{path}: {width}x{height} is {width * height / 1e6:,.0f} megapixels, over the "
+                                f"{PREDICT_MAX_PIXELS / 1e6:,.0f}-megapixel limit for --predict; shrink it first")
+            img.draft("L", (IMAGE_SIDE * 16, IMAGE_SIDE * 16))  # JPEG: decode big photos at a fraction of the size
+            return to_grayscale(ImageOps.exif_transpose(img))  # phone photos store their rotation in EXIF
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({first_line(e)})") from None
+
+
 def to_network_input(path: Path) -> tuple[np.ndarray, bool]:
     """Decode an image into a 28x28 uint8 array like Fashion-MNIST; also say if it was inverted.
 
     Grayscale, light object on a dark background, aspect ratio kept by padding.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(flat, rgba)  # transparent parts become white background
-            gray = img.convert("L")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: not a readable image ({first_line(e)})") from None
+    gray = open_image(path)
     pixels = np.asarray(gray, dtype=np.uint8)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     inverted = bool(border.mean() > 127)  # a light background: a photo, not Fashion-MNIST's dark one
@@ -1584,15 +1739,19 @@ def to_network_input(path: Path) -> tuple[np.ndarray, bool]:
 
 def load_trained_model(path: Path) -> Any:
     """Load the saved model, or explain how to get one."""
+    import zipfile
+
     if not path.is_file():
         raise UserError(f"no trained model at {path}; train one first with: python3 ConvolutionalNN.py "
                         f"--model-path {path}")
-    import keras
-
+    retrain = f"train one with: python3 ConvolutionalNN.py --model-path {path}"
+    if not zipfile.is_zipfile(path):  # Keras would report a damaged archive as "File not found"
+        raise UserError(f"{path} is not a readable Keras model file (not a .keras archive); {retrain}")
+    keras = import_keras()
     try:
         return keras.models.load_model(path)
     except Exception as e:  # noqa: BLE001 - Keras raises many types for a corrupt archive
-        raise UserError(f"cannot load the model {path} ({first_line(e)}); retrain it") from None
+        raise UserError(f"{path} is not a readable Keras model file ({first_line(e)}); {retrain}") from None
 
 
 def run_predict(cfg: Config) -> int:

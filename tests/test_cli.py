@@ -5,15 +5,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ConvolutionalNN as cnn
-from conftest import FILES, TINY, run_cli
+from conftest import FILES, REPO, TINY, run_cli
 
 OUTPUTS = ["accuracy.png", "loss.png", "confusion_matrix.png", "predictions.png", "architecture.png",
            "history.csv", "metrics.json"]
@@ -125,14 +128,16 @@ def test_same_seed_gives_the_same_validation_curve(tmp_path: Path, data_dir: Pat
     assert again["test_accuracy"] == first["test_accuracy"]
 
 
-def test_keras_datasets_path_uses_a_prefilled_cache(tmp_path: Path, data_dir: Path) -> None:
+def test_keras_datasets_path_uses_a_prefilled_cache_and_keeps_stderr_empty(tmp_path: Path, data_dir: Path) -> None:
     cache = tmp_path / "keras_home" / "datasets" / "fashion-mnist"
     cache.mkdir(parents=True)
     for name in FILES.values():
         shutil.copy(data_dir / name, cache / name)
+    # oneDNN on (TensorFlow's default on CPUs with AVX512-VNNI, AVX512-BF16 or AMX) adds start-up log lines
     proc = run_cli("--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras", *TINY,
-                   env={"KERAS_HOME": str(tmp_path / "keras_home")})
+                   env={"KERAS_HOME": str(tmp_path / "keras_home"), "TF_ENABLE_ONEDNN_OPTS": "1"})
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", "a run that works prints nothing on stderr"
     assert "Data: 512 training, 128 validation, 10000 test images" in proc.stdout
     assert (tmp_path / "p" / "metrics.json").exists()
 
@@ -160,6 +165,56 @@ def test_failed_run_leaves_earlier_outputs_untouched(tmp_path: Path, trained: di
     proc = run_cli("--data-dir", bad, "--plots-dir", plots, "--model-path", model, *TINY)
     assert proc.returncode == 1
     assert (digest(plots), digest(model.parent)) == before
+
+
+FULL_DISK = """
+import errno, os, sys
+real_fsync = os.fsync
+def fsync(fd):  # the disk fills up while metrics.json, the last output, is written
+    if "metrics.json" in os.readlink(f"/proc/self/fd/{fd}"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_fsync(fd)
+os.fsync = fsync
+import ConvolutionalNN
+sys.exit(ConvolutionalNN.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="simulates the full disk through /proc/self/fd")
+def test_a_full_disk_leaves_the_earlier_outputs_as_they_were(tmp_path: Path, trained: dict, data_dir: Path) -> None:
+    plots, model = tmp_path / "plots", tmp_path / "m.keras"
+    shutil.copytree(trained["plots"], plots)
+    shutil.copy(trained["model"], model)
+    before = digest(plots), model.read_bytes()
+    flags = ["--data-dir", str(data_dir), "--plots-dir", str(plots), "--model-path", str(model), *TINY, "--seed", "5"]
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, *flags], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: cannot write {plots / 'metrics.json'} (No space left on device); "
+                                  "none of this run's outputs were written")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (digest(plots), model.read_bytes()) == before, "no new file may stand beside the old ones"
+    # With space again, --resume writes the finished run's outputs without training it again.
+    resumed = run_cli(*flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Already finished" in resumed.stdout and "Epoch 1/1" not in resumed.stdout
+    assert json.loads((plots / "metrics.json").read_text())["seed"] == 5
+    assert sorted(digest(plots)) == sorted(before[0]) and model.read_bytes() != before[1]
+
+
+@pytest.mark.parametrize(("line", "level", "noise"), [
+    ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n", 3, True),
+    ("I0000 00:00:1795926651.110019    2377 port.cc:153] oneDNN custom operations are on. You may see\n", 3, True),
+    ("I0000 00:00:1795926651.110019    2377 port.cc:153] oneDNN custom operations are on.\n", 0, False),
+    ("W0000 00:00:1795926651.110019    2377 cpu_feature_guard.cc:227] This TensorFlow binary\n", 2, True),
+    ("W0000 00:00:1795926651.110019    2377 cpu_feature_guard.cc:227] This TensorFlow binary\n", 1, False),
+    ("E0000 00:00:1795926651.110019    2377 cuda_dnn.cc:8310] Unable to register cuDNN factory\n", 3, True),
+    ("F0000 00:00:1795926651.110019    2377 platform.cc:10] Check failed: the CPU lacks AVX\n", 3, False),
+    ("2024-01-11 05:40:05.061907: I tensorflow/core/platform/cpu_feature_guard.cc:182] This TensorFlow\n", 3, True),
+    ("ImportError: libcudart.so.12: cannot open shared object file\n", 3, False),
+])
+def test_only_tensorflow_startup_lines_below_the_log_level_are_dropped(line: str, level: int, noise: bool) -> None:
+    assert cnn.is_startup_noise(line, level) is noise
 
 
 def test_unreachable_ray_cluster_fails_at_once(tmp_path: Path) -> None:

@@ -50,12 +50,13 @@ def test_seeds_give_each_test_accuracy_and_their_mean_and_std(sequential_study: 
 @pytest.fixture(scope="module")
 def local_ray() -> object:
     """A local Ray instance started by the test, on 127.0.0.1 only, shared by the tests of this module."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # one machine: bind to loopback (read when ray imports)
-    import ray
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # one machine: bind to loopback
+        import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False)
+        yield ray
+        ray.shutdown()
 
 
 def test_study_on_local_ray_gives_the_sequential_table(tmp_path: Path, data_dir: Path, sequential_study: dict,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import ConvolutionalNN as cnn
@@ -143,13 +149,27 @@ def test_predict_without_a_model_says_how_to_train(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_predict_refuses_a_corrupt_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"PK\x03\x04 not really a zip", bytes(range(256)) * 40],
+                         ids=["zip-signature-only", "random-bytes"])
+def test_predict_refuses_a_file_that_is_not_a_model(tmp_path: Path, content: bytes) -> None:
     img = save_image(tmp_path / "x.png", shirt_like((28, 28), "L", False))
     model = tmp_path / "broken.keras"
-    model.write_bytes(b"PK\x03\x04 not really a zip")
+    model.write_bytes(content)
     proc = run_cli("--predict", img, "--model-path", model)
     assert proc.returncode == 1
-    assert "cannot load the model" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {model} is not a readable Keras model file")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_predict_refuses_a_zip_that_is_not_a_model(tmp_path: Path) -> None:
+    img = save_image(tmp_path / "x.png", shirt_like((28, 28), "L", False))
+    model = tmp_path / "archive.keras"
+    with zipfile.ZipFile(model, "w") as z:
+        z.writestr("notes.txt", "a zip, but no model inside")
+    proc = run_cli("--predict", img, "--model-path", model)
+    assert proc.returncode == 1
+    assert "is not a readable Keras model file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_exported_test_images_predict_like_the_arrays(tmp_path: Path, trained: dict, test_arrays) -> None:
@@ -185,3 +205,115 @@ def test_predict_follows_exif_rotation(tmp_path: Path) -> None:
     pixels, _ = cnn.to_network_input(path)
     filled_cols = np.flatnonzero(pixels.max(axis=0) > 100)
     assert 4 <= len(filled_cols) <= 9, "the displayed image is tall, so the object must be narrow"
+
+
+def png_16bit(path: Path, channels: np.ndarray, color_type: int) -> Path:
+    """Write a 16-bit-per-channel PNG by hand (Pillow cannot write 16-bit colour): color_type 0 gray, 2 RGB."""
+    h, w = channels.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in channels.reshape(h, w, -1))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def jpeg(path: Path, image: Image.Image) -> Path:
+    image.save(path, quality=100)  # nearly lossless, so that the twins differ only by the mode
+    return path
+
+
+def tiff(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path, format="TIFF")
+    return path
+
+
+# Each makes the high-bit (or otherwise unusual) twin of an 8-bit grayscale image.
+TWINS: dict[str, Callable[[Path, np.ndarray], Path]] = {
+    "16-bit grayscale PNG": lambda p, a: png_16bit(p.with_suffix(".png"), a.astype(np.uint16) * 257, 0),
+    "16-bit RGB PNG": lambda p, a: png_16bit(p.with_suffix(".png"), np.stack([a.astype(np.uint16) * 257] * 3, -1), 2),
+    "32-bit integer TIFF": lambda p, a: tiff(p.with_suffix(".tif"), a.astype(np.int32) * 257),
+    "32-bit integer TIFF, 8-bit values": lambda p, a: tiff(p.with_suffix(".tif"), a.astype(np.int32)),
+    "float TIFF in [0, 1]": lambda p, a: tiff(p.with_suffix(".tif"), a.astype(np.float32) / 255),
+    "float TIFF in [0, 255]": lambda p, a: tiff(p.with_suffix(".tif"), a.astype(np.float32)),
+    "palette PNG": lambda p, a: save_image(p.with_suffix(".png"), Image.fromarray(a).convert("P")),
+    "CMYK JPEG": lambda p, a: jpeg(p.with_suffix(".jpg"), Image.fromarray(a).convert("CMYK")),
+    "CMYK TIFF": lambda p, a: save_image(p.with_suffix(".tif"), Image.fromarray(a).convert("CMYK")),
+    "LA PNG": lambda p, a: save_image(p.with_suffix(".png"), Image.fromarray(a).convert("LA")),
+    "RGBA PNG": lambda p, a: save_image(p.with_suffix(".png"), Image.fromarray(a).convert("RGBA")),
+}
+
+
+def clothing_like(seed: int) -> np.ndarray:
+    """A 28x28 8-bit image with the full range of gray levels: a bright ramp object on a dark background."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 30, (28, 28)).astype(np.uint8)
+    a[6:22, 4:24] = np.linspace(80, 255, 20, dtype=np.uint8)
+    return a
+
+
+@pytest.mark.parametrize("kind", list(TWINS))
+def test_high_bit_and_other_modes_decode_like_their_8_bit_twin(tmp_path: Path, kind: str) -> None:
+    a = clothing_like(0)
+    eight_bit, _ = cnn.to_network_input(save_image(tmp_path / "eight.png", Image.fromarray(a)))
+    twin, inverted = cnn.to_network_input(TWINS[kind](tmp_path / "twin", a))
+    assert not inverted
+    assert np.abs(twin.astype(int) - eight_bit.astype(int)).max() <= 1, kind
+
+
+@pytest.mark.parametrize(("mode", "via", "tolerance"), [
+    ("PA", "L", 0), ("RGBa", "RGBA", 0), ("HSV", "RGB", 1), ("YCbCr", "RGB", 1),
+    ("LAB", "RGB", 10),  # LAB's L channel is perceptual lightness, close to but not the same as luma
+])
+def test_modes_pillow_opens_but_cannot_save_convert_to_the_same_gray(mode: str, via: str, tolerance: int) -> None:
+    a = clothing_like(1)
+    gray = np.asarray(cnn.to_grayscale(Image.fromarray(a).convert(via).convert(mode))).astype(int)
+    assert gray.shape == (28, 28) and np.abs(gray - a).max() <= tolerance, mode
+
+
+def test_big_endian_16_bit_images_are_scaled_too() -> None:
+    a = clothing_like(2)
+    image = Image.frombytes("I;16B", (28, 28), (a.astype(">u2") * 257).tobytes())
+    assert np.array_equal(np.asarray(cnn.to_grayscale(image)), a)
+
+
+def test_high_bit_images_get_the_class_of_their_8_bit_twins(tmp_path: Path, trained: dict, test_arrays) -> None:
+    x, _ = test_arrays
+    eights, twins = [], []
+    for i in range(10):
+        eights.append(save_image(tmp_path / f"{i}_8bit.png", Image.fromarray(x[i])))
+        twins.append(png_16bit(tmp_path / f"{i}_16bit.png", x[i].astype(np.uint16) * 257, 0))
+        twins.append(tiff(tmp_path / f"{i}_float.tif", x[i].astype(np.float32) / 255))
+    proc = run_cli("--predict", *eights, *twins, "--model-path", trained["model"], "--json",
+                   env={"TF_ENABLE_ONEDNN_OPTS": "1"})  # oneDNN on: TensorFlow's start-up lines must not show
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    classes = [r["class"] for r in json.loads(proc.stdout)]
+    assert len(set(classes[:10])) > 1, "the test images should not all get one class"
+    assert classes[10::2] == classes[:10] and classes[11::2] == classes[:10]
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims a size but holds no pixels: enough for Pillow to read the size."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(header)) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
+    return path
+
+
+def test_huge_images_are_classified_quietly_or_refused_in_one_line(tmp_path: Path, trained: dict) -> None:
+    big = np.zeros((12000, 12000), np.uint8)  # 144 megapixels: Pillow would warn about a decompression bomb
+    big[4000:8000, 3000:9000] = 200
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, format="PNG", compress_level=1)
+    (tmp_path / "big.png").write_bytes(buffer.getvalue())
+    huge = png_header_only(tmp_path / "huge.png", 20000, 20000)  # past Pillow's own hard limit too
+    proc = run_cli("--predict", tmp_path / "big.png", huge, "--model-path", trained["model"])
+    assert proc.returncode == 1
+    assert "big.png: " in proc.stdout
+    assert proc.stderr.splitlines() == [
+        f"error: {huge}: 20000x20000 is 400 megapixels, over the 200-megapixel limit for --predict; shrink it first",
+        "1 of 2 files could not be classified."]

@@ -1,31 +1,23 @@
 #!/usr/bin/env python3
 """Train, study and use a convolutional network on Zalando's Fashion-MNIST.
 
-What it does
-    Loads Fashion-MNIST (through ``keras.datasets`` or, offline, from the four
-    IDX ``.gz`` files with ``--data-dir``), trains a Conv2D / MaxPooling2D /
-    Dropout / Flatten / Dense network with 128 3x3 filters for 20 epochs with
-    Adam at learning rate 0.001 on a stratified 80/20 train/validation split,
-    keeps the weights of the epoch with the best validation accuracy, evaluates
-    them once on the 10,000 test images, and writes plots, metrics and the
-    model. Several values after ``--lr`` run the learning-rate study, several
-    after ``--seed`` report the mean and spread over seeds, ``--ray`` spreads
-    those runs over a Ray cluster, ``--distribute mirrored`` one run over
-    several GPUs; ``--predict`` classifies your own images with the saved model.
+Loads Fashion-MNIST (through ``keras.datasets`` or, offline, from the four IDX ``.gz``
+files with ``--data-dir``), trains Conv2D(128, 3x3) -> MaxPooling2D -> Dropout ->
+Conv2D(128, 3x3) -> MaxPooling2D -> Dropout -> Flatten -> Dense -> Dropout -> Dense(10)
+for 20 epochs with Adam at learning rate 0.001 on a stratified 80/20 train/validation
+split, keeps the epoch with the best validation accuracy, tests it once on the 10,000
+test images, and writes plots, metrics and the model. Several ``--lr`` values run the
+learning-rate study, several ``--seed`` values report the mean and spread, ``--ray``
+spreads the runs over a Ray cluster; ``--predict`` classifies your own images.
 
-Result (README.md has the table, the machine and how to reproduce it)
-    Test accuracy 92.69% +- 0.20% (mean +- sample std over seeds 0, 1, 2) with
-    the default flags on the real data, on a 2-core AMD EPYC (Zen 3) CPU at
-    about 3 minutes an epoch; the original project reported 92%. With the
-    per-epoch batch order of this version, seed 0 gives 92.71% (92.79% before).
+Result: test accuracy 92.69% +- 0.20% over seeds 0-2 with the defaults, on a 2-core
+AMD EPYC (Zen 3) CPU at about 3 minutes an epoch (README.md, docs/RESULTS.md).
 
-How to run
     python3 ConvolutionalNN.py                                   # default run
     python3 ConvolutionalNN.py --data-dir ~/fashion-mnist        # offline
-    python3 ConvolutionalNN.py --lr 0.1 0.01 0.001 0.0001        # LR study
+    python3 ConvolutionalNN.py --lr 0.1 0.01 0.001 0.0001        # learning-rate study
     python3 ConvolutionalNN.py --seeds 0 1 2                     # mean ± std over seeds
-    python3 ConvolutionalNN.py --lr 0.01 0.001 --seeds 0 1 --ray # the runs as Ray tasks
-    python3 ConvolutionalNN.py --predict shoe.jpg shirt.png      # classify
+    python3 ConvolutionalNN.py --predict shoe.jpg shirt.png      # classify your images
     python3 ConvolutionalNN.py --help                            # every flag
 """
 
@@ -47,7 +39,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +59,8 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+BEST_MONITOR = "val_accuracy"  # the kept epoch; accuracy is the figure reported, and val_loss bottoms out earlier
+EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED, EXIT_SIGINT = 1, 2, 3, 130
 
 
 class UserError(Exception):
@@ -81,103 +71,97 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
-# ----------------------------------------------------------------------------
-# TensorFlow, imported quietly
-# ----------------------------------------------------------------------------
+# =============================================================================
+# Settings: each one defined once (flag, default, help, check); Config, --help,
+# the resume check and metrics.json all come from here
+# =============================================================================
 
-# C++ log lines that TensorFlow writes while it loads, before it applies TF_CPP_MIN_LOG_LEVEL: absl's banner and
-# lines like "I0000 00:00:1795926651.110019 2377 port.cc:153] oneDNN custom operations are on. ..." (CPUs with
-# AVX512-VNNI, AVX512-BF16, AMX or AVX-VNNI, where oneDNN is on by default).
-ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-NATIVE_LOG_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] "                          # absl
-                             r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ([IWEF]) \S+:\d+\] ")  # older TF
-LOG_LEVELS = "IWEF"  # TF_CPP_MIN_LOG_LEVEL n hides the first n of these; FATAL is always shown
+def bounded(kind: type, low: float, high: float | None = None, *, above: bool = False) -> Callable[[str], Any]:
+    """An argparse type for a number of `kind` that is >= low (> low if above) and, if high is given, < high."""
+    if high is None:
+        rule = f"a finite number above {low:g}" if above else f"at least {low:g}"
+    elif kind is int:
+        rule = f"between {low} and {high - 1}"
+    else:
+        rule = f"between {low:g} and {high:g}, exclusive" if above else f"at least {low:g} and below {high:g}"
 
-
-def is_startup_noise(line: str, min_level: int) -> bool:
-    """True for a TensorFlow start-up log line that TF_CPP_MIN_LOG_LEVEL=min_level should have hidden."""
-    if line.rstrip("\n") == ABSL_BANNER:
-        return min_level >= 1
-    match = NATIVE_LOG_LINE.match(line)
-    return bool(match) and LOG_LEVELS.index(match.group(1) or match.group(2)) < min(min_level, 3)
-
-
-@contextlib.contextmanager
-def native_stderr_filtered(min_level: int) -> Iterator[None]:
-    """Capture file descriptor 2 (where C++ writes) for the block, then pass on every line but start-up noise."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr at all: nothing to filter
-        yield
-        return
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
+    def parse(text: str) -> Any:
         try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", errors="replace")
-            sys.stderr.write("".join(line for line in text.splitlines(keepends=True)
-                                     if not is_startup_noise(line, min_level)))
-            sys.stderr.flush()
-
-
-def import_keras() -> Any:
-    """Keras (on TensorFlow), imported once with TensorFlow's start-up log lines kept off stderr.
-
-    Every use of TensorFlow or Keras in this script goes through here (or import_tensorflow), so that no
-    path (training, the study, --predict, Ray tasks) prints them.
-    """
-    if "keras" not in sys.modules:
-        try:
-            level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+            value = kind(text)
         except ValueError:
-            level = 0
-        with native_stderr_filtered(level):
-            import keras  # noqa: F401
-            import tensorflow  # noqa: F401 - Keras's backend
-    return sys.modules["keras"]
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value < high)):
+            raise argparse.ArgumentTypeError(f"{text} must be {rule}")
+        return value
+
+    return parse
 
 
-def import_tensorflow() -> Any:
-    """TensorFlow, imported quietly (see import_keras)."""
-    import_keras()
-    return sys.modules["tensorflow"]
+def setting(default: Any, help: str, *flags: str, group: str = "training", resume_must_match: bool = False,
+            recorded: bool = True, **argparse_options: Any) -> Any:
+    """A Config field with its command line: flags (default --field-name), help, argparse type or choices.
+
+    resume_must_match: --resume refuses to continue a run saved with another value.
+    recorded: written into metrics.json's "config".
+    """
+    return dataclasses.field(default=default, metadata={
+        "flags": flags, "help": help, "group": group, "resume_must_match": resume_must_match,
+        "recorded": recorded, "argparse": argparse_options})
 
 
-# ----------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------
+POSITIVE = bounded(int, 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of a run; built from the command line by parse_args()."""
+    """Every setting of a call; parse_args() builds it from the command line."""
 
-    lrs: tuple[float, ...] = (0.001,)  # Adam learning rate(s); several run the study
-    epochs: int = 20                  # passes over the training split
-    batch_size: int = 128             # images per optimisation step
-    val_split: float = 0.2            # fraction of the 60,000 training images held out
-    seeds: tuple[int, ...] = (0,)     # seed(s) of the split, the weights and dropout; several report mean ± std
-    limit: int | None = None          # train on the first N training images only
-    schedule: str = "cosine"          # learning rate over time: cosine decay or constant
-    filters: int = 128                # filters in each Conv2D layer
-    kernel_size: int = 3              # side of the square convolution kernels
-    padding: str = "same"             # Conv2D padding: same (original project) or valid
-    dense_units: int = 128            # width of the hidden Dense layer
-    dropout: float = 0.5              # dropout before the output layer
-    data_dir: Path | None = None      # read the four IDX .gz files here instead of keras.datasets
-    plots_dir: Path = Path("plots")   # where plots, history.csv and metrics.json go
-    model_path: Path = Path("models/fashion_cnn.keras")  # the trained model
-    predict: tuple[Path, ...] = ()    # images or folders to classify with the saved model
-    json_output: bool = False         # print --predict results as JSON
-    resume: bool = False              # continue the unfinished run(s) saved beside --model-path
-    precision: str = "auto"           # float32, bfloat16 or float16 (mixed), or auto: the fastest this hardware runs well
-    distribute: str = "none"          # none, or mirrored: one run over every local GPU (tf.distribute)
-    ray: str | None = None            # run the study's runs as Ray tasks: "local" or a cluster address
+    # training
+    lrs: tuple[float, ...] = setting((0.001,), "Adam learning rate; several values run the learning-rate study",
+                                     "--lr", type=bounded(float, 0, above=True), nargs="+", metavar="LR")
+    epochs: int = setting(20, "training epochs", type=POSITIVE, resume_must_match=True)
+    batch_size: int = setting(128, "images per step", type=POSITIVE, resume_must_match=True)
+    schedule: str = setting("cosine", "learning rate over the run: cosine decay from --lr to 0, or constant",
+                            choices=("cosine", "constant"), resume_must_match=True)
+    seeds: tuple[int, ...] = setting((0,), "random seed (split, weights, dropout); several train once per seed and "
+                                     "report the mean ± std of the test accuracy", "--seed", "--seeds",
+                                     type=bounded(int, 0, 2**32), nargs="+", metavar="SEED")
+    # network
+    filters: int = setting(128, "filters per Conv2D layer", type=POSITIVE, group="network", resume_must_match=True)
+    kernel_size: int = setting(3, "Conv2D kernel side", type=POSITIVE, group="network", resume_must_match=True)
+    padding: str = setting("same", "Conv2D padding", choices=("same", "valid"), group="network",
+                           resume_must_match=True)
+    dense_units: int = setting(128, "hidden Dense width", type=POSITIVE, group="network", resume_must_match=True)
+    dropout: float = setting(0.5, "dropout before the output layer", type=bounded(float, 0, 1), group="network",
+                             resume_must_match=True)
+    # data and outputs
+    data_dir: Path | None = setting(None, "folder with the four Fashion-MNIST IDX .gz files (offline use); default: "
+                                    "keras.datasets, cached under $KERAS_HOME or ~/.keras", type=Path, group="data")
+    val_split: float = setting(0.2, "fraction of the training images held out for validation (stratified)",
+                               type=bounded(float, 0, 1, above=True), group="data", resume_must_match=True)
+    limit: int | None = setting(None, "use only the first N training images (quick tries); at least one batch",
+                                type=POSITIVE, metavar="N", group="data", resume_must_match=True)
+    plots_dir: Path = setting(Path("plots"), "folder for plots and metrics", type=Path, group="data")
+    model_path: Path = setting(Path("models/fashion_cnn.keras"), "trained model (.keras)", type=Path, group="data")
+    resume: bool = setting(False, "continue an interrupted or killed run from its last finished epoch (same flags)",
+                           action="store_true", group="data", recorded=False)
+    # hardware and scaling
+    precision: str = setting("auto", "arithmetic: float32, or mixed bfloat16/float16 (float32 weights); auto picks "
+                             "the fastest this CPU or GPU runs well and says which",
+                             choices=("auto", "float32", "bfloat16", "float16"), group="hardware")
+    distribute: str = setting("none", "mirrored: train one run on every local GPU with tf.distribute."
+                              "MirroredStrategy, --batch-size being the global batch", choices=("none", "mirrored"),
+                              group="hardware")
+    ray: str | None = setting(None, "train the runs (rates x seeds) as Ray tasks: on a local Ray instance, or on "
+                              "the cluster at ADDRESS (host:port, or auto)", nargs="?", const="local",
+                              metavar="ADDRESS", group="hardware")
+    # prediction
+    predict: tuple[Path, ...] = setting((), "classify these images (or every image in these folders) with "
+                                        "--model-path", type=Path, nargs="+", metavar="IMAGE", group="prediction",
+                                        recorded=False)
+    json_output: bool = setting(False, "print --predict results as JSON", "--json", action="store_true",
+                                group="prediction", recorded=False)
 
     @property
     def lr(self) -> float:
@@ -191,62 +175,12 @@ class Config:
 
     @property
     def runs(self) -> list[tuple[float, int]]:
-        """Every (learning rate, seed) pair to train, rate by rate."""
+        """Every (learning rate, seed) pair to train, rate by rate; a plain run is the 1 x 1 case."""
         return [(lr, seed) for lr in self.lrs for seed in self.seeds]
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def parse_number(text: str) -> float:
-    """A float from the command line, or argparse's usage error."""
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = parse_number(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
-    return value
-
-
-def seed_value(text: str) -> int:
-    """argparse type: a seed NumPy accepts, 0 <= seed < 2**32."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 4294967295")
-    return value
-
-
-def open_fraction(text: str) -> float:
-    """argparse type: a float strictly between 0 and 1."""
-    value = parse_number(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1, exclusive")
-    return value
-
-
-def dropout_rate(text: str) -> float:
-    """argparse type: a float in [0, 1)."""
-    value = parse_number(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
-    return value
+GROUP_TITLES = {"training": "training", "network": "network (the layers stay; their sizes change)",
+                "data": "data and outputs", "hardware": "hardware and scaling", "prediction": "your own images"}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -257,51 +191,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, with every flag's default in its help."""
-    d = Config()
-    p = OneLineErrorParser(
-        prog="ConvolutionalNN.py",
-        description="Train, study and use a CNN on Fashion-MNIST.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--lr", type=positive_float, nargs="+", default=list(d.lrs), metavar="LR",
-                   help="Adam learning rate; several values run the learning-rate study")
-    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="training epochs")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per step")
-    p.add_argument("--val-split", type=open_fraction, default=d.val_split,
-                   help="fraction of the training images held out for validation (stratified)")
-    p.add_argument("--seed", "--seeds", dest="seeds", type=seed_value, nargs="+", default=list(d.seeds),
-                   metavar="SEED", help="random seed (split, weights, dropout); several train once per seed "
-                                        "and report the mean ± std of the test accuracy")
-    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
-                   help="use only the first N training images (quick tries); at least one batch")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule,
-                   help="learning rate over the run: cosine decay from --lr to 0, or constant")
-    p.add_argument("--filters", type=positive_int, default=d.filters, help="filters per Conv2D layer")
-    p.add_argument("--kernel-size", type=positive_int, default=d.kernel_size, help="Conv2D kernel side")
-    p.add_argument("--padding", choices=("same", "valid"), default=d.padding, help="Conv2D padding")
-    p.add_argument("--dense-units", type=positive_int, default=d.dense_units, help="hidden Dense width")
-    p.add_argument("--dropout", type=dropout_rate, default=d.dropout, help="dropout before the output layer")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with the four Fashion-MNIST IDX .gz files (offline use); "
-                        "default: keras.datasets, cached under $KERAS_HOME or ~/.keras")
-    p.add_argument("--plots-dir", type=Path, default=d.plots_dir, help="folder for plots and metrics")
-    p.add_argument("--model-path", type=Path, default=d.model_path, help="trained model (.keras)")
-    p.add_argument("--predict", type=Path, nargs="+", default=[], metavar="IMAGE",
-                   help="classify these images (or every image in these folders) with --model-path")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted or killed run from its last finished epoch (same flags)")
-    p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default=d.precision,
-                   help="arithmetic: float32, or mixed bfloat16/float16 (float32 weights); auto picks the fastest "
-                        "this CPU or GPU runs well and says which")
-    p.add_argument("--distribute", choices=("none", "mirrored"), default=d.distribute,
-                   help="mirrored: train one run on every local GPU with tf.distribute.MirroredStrategy, "
-                        "--batch-size being the global batch")
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="train the runs (rates x seeds) as Ray tasks: on a local Ray instance, or on the "
-                        "cluster at ADDRESS (host:port, or auto)")
-    p.add_argument("--json", dest="json_output", action="store_true", help="print --predict results as JSON")
-    return p
+    """The command line, one flag per Config field, with every default in its help."""
+    parser = OneLineErrorParser(prog="ConvolutionalNN.py", description="Train, study and use a CNN on Fashion-MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    for field in dataclasses.fields(Config):
+        meta = field.metadata
+        flags = meta["flags"] or (f"--{field.name.replace('_', '-')}",)
+        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        groups[meta["group"]].add_argument(*flags, dest=field.name, default=default, help=meta["help"],
+                                           **meta["argparse"])
+    return parser
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -312,9 +212,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error(f"--model-path {a.model_path} must end in .keras")
     if a.limit is not None and a.limit < a.batch_size:
         parser.error(f"--limit {a.limit} is smaller than one batch (--batch-size {a.batch_size})")
-    if feature_side(a.kernel_size, a.padding) < 1:
+    if conv_sides(a.kernel_size, a.padding)[1] // 2 < 1:
         parser.error(f"--kernel-size {a.kernel_size} with --padding valid leaves no pixels; use a smaller kernel")
-    for flag, values in (("--lr", a.lr), ("--seed", a.seeds)):
+    for flag, values in (("--lr", a.lrs), ("--seed", a.seeds)):
         if len(set(values)) < len(values):
             parser.error(f"{flag} lists a value twice; give each once")
     if a.resume and (a.predict or a.ray):
@@ -325,34 +225,112 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error("--ray and --distribute mirrored do not combine; Ray gives each run its own devices")
     if a.json_output and not a.predict:
         parser.error("--json only applies to --predict")
-    return Config(
-        lrs=tuple(a.lr), epochs=a.epochs, batch_size=a.batch_size, val_split=a.val_split,
-        seeds=tuple(a.seeds), limit=a.limit, schedule=a.schedule, filters=a.filters,
-        kernel_size=a.kernel_size, padding=a.padding, dense_units=a.dense_units,
-        dropout=a.dropout, data_dir=a.data_dir, plots_dir=a.plots_dir,
-        model_path=a.model_path, predict=tuple(a.predict), json_output=a.json_output,
-        resume=a.resume, precision=a.precision, distribute=a.distribute, ray=a.ray,
-    )
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(a).items()})
 
 
-def conv_sides(kernel_size: int, padding: str) -> tuple[int, int]:
-    """Output side of each of the two Conv2D layers (each is followed by 2x2 pooling)."""
-    sides, side = [], IMAGE_SIDE
-    for _ in range(2):
-        side = side if padding == "same" else side - kernel_size + 1
-        sides.append(side)
-        side //= 2
-    return sides[0], sides[1]
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The recorded settings as JSON values, for metrics.json and lr_study.json."""
+    def plain(value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(Config) if f.metadata["recorded"]}
 
 
-def feature_side(kernel_size: int, padding: str) -> int:
-    """Side of the feature maps after both conv + pool blocks."""
-    return conv_sides(kernel_size, padding)[1] // 2
+def run_identity(cfg: Config, lr: float, seed: int, precision: str) -> dict[str, Any]:
+    """What shapes one run's model, data or schedule: a resumed run must match it all."""
+    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config) if f.metadata["resume_must_match"]}
+    return {"data": str(cfg.data_dir) if cfg.data_dir else "keras.datasets", **same, "lr": lr, "seed": seed,
+            "precision": precision}
 
 
-# ----------------------------------------------------------------------------
+# =============================================================================
+# main: the whole story of a call
+# =============================================================================
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Classify images, or train, choose, test and report; known problems become one line and an exit code."""
+    try:
+        cfg = parse_args(argv)
+        return predict(cfg) if cfg.predict else train_and_report(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nInterrupted; earlier outputs are untouched.", file=sys.stderr)
+        return EXIT_SIGINT
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def train_and_report(cfg: Config) -> int:
+    """Load and split -> train every (rate, seed) run, here or on Ray -> report."""
+    check_writable(cfg.plots_dir, cfg.model_path.parent)
+    if cfg.ray:
+        check_ray_reachable(cfg.ray)
+    arrays = load_arrays(cfg)
+    data = split_data(arrays, cfg, cfg.seed)
+    print(f"Data: {len(data.y_train)} training, {len(data.y_val)} validation, {len(data.y_test)} test images")
+    runs = train_on_ray(cfg) if cfg.ray else train_here(cfg, arrays)
+    return report(cfg, arrays, runs)
+
+
+def report(cfg: Config, arrays: Arrays, runs: list[TrainResult]) -> int:
+    """Choose the rate by validation, test its runs, write all outputs as one set, and decide the exit code."""
+    stopped = runs[-1].interrupted_by
+    chosen = None
+    if stopped is None or len(cfg.runs) == 1:  # an interrupted single run still writes its best epoch so far
+        with output_set("" if cfg.ray else "; to write them without training again, run the same command "
+                                           "with --resume"):
+            chosen = choose_rate(cfg, runs)  # never by the test set
+            if chosen is not None:
+                test_and_write(cfg, arrays, chosen, test=stopped is None)
+    if stopped is None and not cfg.ray:
+        shutil.rmtree(resume_root(cfg), ignore_errors=True)
+    return exit_code(cfg, runs, chosen)
+
+
+def exit_code(cfg: Config, runs: list[TrainResult], chosen: list[TrainResult] | None) -> int:
+    """The one place where what happened becomes the exit code, with a line on stderr when it is not 0."""
+    def fail(code: int, message: str) -> int:
+        print(message, file=sys.stderr)
+        return code
+
+    last, rate = runs[-1], f"learning rate {runs[-1].lr:g}"
+    if last.interrupted_by is not None:
+        done = len(last.history.get("loss", []))
+        if len(cfg.runs) > 1:
+            message = (f"Interrupted in run {len(runs)} of {len(cfg.runs)}; the finished runs and the best epoch so "
+                       f"far are saved in {resume_root(cfg)}. To continue, run the same command with --resume.")
+        elif last.best_epoch is None:
+            message = "No epoch finished; nothing was written and earlier outputs are untouched."
+        else:
+            message = (f"Interrupted after {done} of {cfg.epochs} epochs; the best weights so far were saved. "
+                       "To continue, run the same command with --resume.")
+        return fail(128 + last.interrupted_by, message)
+    if chosen is None:
+        return fail(EXIT_FAILURE if all(r.failed for r in runs) else EXIT_DIVERGED,
+                    "error: every learning rate diverged or failed; try smaller values.")
+    failed = [r for r in runs if r.failed]
+    if failed:
+        names = ", ".join(f"lr={r.lr:g} seed {r.seed}" for r in failed)
+        return fail(EXIT_FAILURE, f"error: {len(failed)} of {len(runs)} runs failed ({names}); the rest were "
+                                  "reported and written.")
+    if not any(r.best_epoch is not None for r in chosen):
+        return fail(EXIT_DIVERGED, "error: no run of this rate finished an epoch; nothing was written. Try a "
+                    "smaller --lr." if len(chosen) > 1 else f"error: the loss became NaN or infinite at {rate} "
+                    "before any epoch finished; nothing was written. Try a smaller --lr.")
+    if any(r.diverged for r in chosen):
+        return fail(EXIT_DIVERGED, f"error: the loss became NaN or infinite at {rate}; the best weights before that "
+                                   "were kept. Try a smaller --lr." if len(chosen) == 1 else
+                    "error: some seeds diverged (loss became NaN or infinite); their best epochs before that were "
+                    "tested. Try a smaller --lr.")
+    return 0
+
+
+# =============================================================================
 # Data
-# ----------------------------------------------------------------------------
+# =============================================================================
 
 @dataclasses.dataclass
 class Dataset:
@@ -364,6 +342,9 @@ class Dataset:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -389,7 +370,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def read_idx_folder(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def read_idx_folder(data_dir: Path) -> Arrays:
     """The four Fashion-MNIST arrays from a folder of IDX .gz files."""
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder; point it at the four Fashion-MNIST .gz files")
@@ -397,10 +378,9 @@ def read_idx_folder(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"]
 
 
-def download_with_keras() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def download_with_keras() -> Arrays:
     """The four arrays through keras.datasets (downloads once, then uses its cache)."""
     keras = import_keras()
-
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
     except Exception as e:  # noqa: BLE001 - Keras raises a bare Exception when the download fails
@@ -420,22 +400,13 @@ def check_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
             raise UserError(f"{name} labels go up to {y.max()}; Fashion-MNIST labels are 0..9")
 
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
-
-
 def load_arrays(cfg: Config) -> Arrays:
     """Load and check the data, keeping only the first --limit training images."""
-    arrays = read_idx_folder(cfg.data_dir) if cfg.data_dir else download_with_keras()
-    check_arrays(*arrays)
-    x_train, y_train, x_test, y_test = arrays
+    x_train, y_train, x_test, y_test = read_idx_folder(cfg.data_dir) if cfg.data_dir else download_with_keras()
+    check_arrays(x_train, y_train, x_test, y_test)
     if cfg.limit:
         x_train, y_train = x_train[:cfg.limit], y_train[:cfg.limit]
     return x_train, y_train, x_test, y_test
-
-
-def load_data(cfg: Config, seed: int | None = None) -> Dataset:
-    """Load, check, limit and split the data (split by `seed`, default the first --seed)."""
-    return split_data(load_arrays(cfg), cfg, cfg.seed if seed is None else seed)
 
 
 def split_data(arrays: Arrays, cfg: Config, seed: int) -> Dataset:
@@ -452,94 +423,26 @@ def split_data(arrays: Arrays, cfg: Config, seed: int) -> Dataset:
     if len(train_idx) < cfg.batch_size:
         raise UserError(f"only {len(train_idx)} training images after the split, less than one batch; "
                         "use a larger --limit or a smaller --val-split")
-    with_channel = (lambda x: x[..., np.newaxis])
-    return Dataset(
-        with_channel(x_train[train_idx]), y_train[train_idx],
-        with_channel(x_train[val_idx]), y_train[val_idx],
-        with_channel(x_test), y_test,
-    )
+    return Dataset(x_train[train_idx, ..., None], y_train[train_idx], x_train[val_idx, ..., None], y_train[val_idx],
+                   x_test[..., None], y_test)
 
 
-# ----------------------------------------------------------------------------
-# Precision and devices
-# ----------------------------------------------------------------------------
-
-KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # oneDNN runs bfloat16 convolutions fast only with these
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
-
-
-def gpu_capabilities() -> list[tuple[int, int]]:
-    """CUDA compute capability of each visible GPU ((0, 0) where TensorFlow does not say)."""
-    tf = import_tensorflow()
-
-    caps = []
-    for gpu in tf.config.list_physical_devices("GPU"):
-        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
-        caps.append(tuple(cc) if cc else (0, 0))
-    return caps
-
-
-def choose_precision(requested: str, gpus: list[tuple[int, int]], flags: set[str]) -> tuple[str, str]:
-    """The precision to train in, and why; `auto` picks what this hardware runs fastest.
-
-    Mixed precision keeps float32 weights and a float32 output layer either way.
-    """
-    if requested != "auto":
-        return requested, "asked for with --precision"
-    if gpus:
-        if min(gpus) >= (8, 0):
-            return "bfloat16", "auto: every GPU has bfloat16 tensor cores"
-        if min(gpus) >= (7, 0):
-            return "float16", "auto: every GPU has float16 tensor cores"
-        return "float32", "auto: these GPUs have no fast half precision"
-    found = sorted(flags.intersection(CPU_BF16_FLAGS))
-    if found:
-        return "bfloat16", f"auto: this CPU has {' and '.join(found)}"
-    return "float32", "auto: this CPU has no AMX or AVX512-BF16, on which bfloat16 would be slower"
-
-
-def set_precision(requested: str) -> tuple[str, str]:
-    """Resolve --precision on this machine and make it Keras's global dtype policy."""
-    keras = import_keras()
-
-    precision, why = choose_precision(requested, gpu_capabilities(), cpu_flags())
-    keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
-    return precision, why
-
-
-def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
-    """Where to build the model: a MirroredStrategy's scope with --distribute mirrored, else nowhere special."""
-    if distribute != "mirrored":
-        return contextlib.nullcontext()
-    tf = import_tensorflow()
-
-    # Every GPU; without one, every logical CPU device (one, unless the caller split the CPU for testing).
-    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
-    devices = ", ".join(strategy.extended.worker_devices)
-    print(f"MirroredStrategy: {strategy.num_replicas_in_sync} replica(s) on {devices}; "
-          "--batch-size is split across them", flush=True)
-    return strategy.scope()
-
-
-# ----------------------------------------------------------------------------
+# =============================================================================
 # Model
-# ----------------------------------------------------------------------------
+# =============================================================================
+
+def conv_sides(kernel_size: int, padding: str) -> tuple[int, int]:
+    """Output side of each of the two Conv2D layers (each is followed by 2x2 pooling)."""
+    sides, side = [], IMAGE_SIDE
+    for _ in range(2):
+        side = side if padding == "same" else side - kernel_size + 1
+        sides.append(side)
+        side //= 2
+    return sides[0], sides[1]
+
 
 def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
-    """The CNN, compiled with Adam; pixels are scaled to [0, 1] inside the model."""
+    """The CNN, compiled with Adam; pixels are scaled to [0, 1] inside the model, so it takes raw uint8 images."""
     keras = import_keras()
     layers = keras.layers
     model = keras.Sequential(name="fashion_cnn")
@@ -562,52 +465,9 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
     return model
 
 
-# ----------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------
-
-BEST_MONITOR = "val_accuracy"  # the reported figure is accuracy; val_loss bottoms out earlier from overconfidence
-
-
-class TrainingInterrupted(Exception):
-    """Raised inside fit() after the batch during which SIGINT or SIGTERM arrived."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_requests() -> Iterator[list[int]]:
-    """Record SIGINT/SIGTERM instead of dying; a second signal kills as usual."""
-    received: list[int] = []
-
-    def note(signum: int, _frame: Any) -> None:
-        received.append(signum)
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name} received: stopping after this batch "
-              "(send it again to quit at once)", file=sys.stderr, flush=True)
-
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def interrupt_callback(received: list[int]) -> Any:
-    """A Keras callback that aborts fit() once a stop signal has been recorded."""
-    keras = import_keras()
-
-    class StopOnSignal(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            if received:
-                raise TrainingInterrupted(received[0])
-
-    return StopOnSignal()
-
+# =============================================================================
+# Training one run
+# =============================================================================
 
 @dataclasses.dataclass
 class TrainResult:
@@ -626,126 +486,139 @@ class TrainResult:
     failed: str | None = None          # why the run failed (a Ray task that could not finish)
 
 
+def train_here(cfg: Config, arrays: Arrays) -> list[TrainResult]:
+    """Train every run on this machine, one after another; stop at the first interrupted one."""
+    prepare_resume_root(cfg)
+    results = []
+    for number, (lr, seed) in enumerate(cfg.runs, start=1):
+        if len(cfg.runs) > 1:
+            print(f"\n{run_banner(cfg, number, lr, seed)}", flush=True)
+        result = train(cfg, split_data(arrays, cfg, seed), lr, seed, run_folder(cfg, lr, seed))
+        results.append(result)
+        if result.interrupted_by is not None:
+            break
+        if result.diverged and len(cfg.runs) > 1:
+            print(f"lr={lr:g}, seed {seed} diverged (loss became NaN or infinite); going on with the other runs.")
+    return results
+
+
+def run_banner(cfg: Config, number: int, lr: float, seed: int) -> str:
+    """The progress line printed before each run of a study or of several seeds."""
+    rate = (f"Learning-rate study: rate {cfg.lrs.index(lr) + 1} of {len(cfg.lrs)}: lr={lr:g}"
+            if len(cfg.lrs) > 1 else f"lr={lr:g}")
+    seeds = f", seed {seed} ({cfg.seeds.index(seed) + 1} of {len(cfg.seeds)})" if len(cfg.seeds) > 1 else ""
+    return f"=== Run {number} of {len(cfg.runs)}: {rate}{seeds} ==="
+
+
+def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
+          handle_signals: bool = True) -> TrainResult:
+    """Train one model at rate lr with seed (or resume it from folder); it ends holding its best epoch's weights."""
+    keras = import_keras()
+    precision, why = set_precision(cfg.precision)
+    print(f"Precision: {precision} ({why})", flush=True)
+    seed_everything(seed)
+    state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
+    with distribution_scope(cfg.distribute):
+        model = build_model(cfg, lr, steps_per_epoch=math.ceil(len(data.y_train) / cfg.batch_size))
+    interrupted_by = None
+    if not state.finished:
+        batches, start_epoch = epoch_streams(data.x_train, data.y_train, cfg.batch_size, seed, model)
+        stops = stop_requests() if handle_signals else contextlib.nullcontext([])
+        with stops as received:
+            callbacks = [run_callback(state, folder, start_epoch, received),  # first: see its on_epoch_begin
+                         keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
+                         keras.callbacks.TerminateOnNaN()]
+            interrupted_by = fit(cfg, model, batches, (data.x_val, data.y_val), callbacks, folder)
+    if state.best_weights is not None:
+        model.set_weights(state.best_weights)
+    if interrupted_by is None and not state.finished:
+        state.finished = True
+        state.save(folder)
+        shutil.rmtree(folder / "backup", ignore_errors=True)
+    diverged = any(not math.isfinite(v) for key in ("loss", "val_loss") for v in state.history.get(key, []))
+    return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, diverged, interrupted_by,
+                       seed=seed, precision=precision, best_value=state.best_value)
+
+
+def fit(cfg: Config, model: Any, batches: Any, validation: tuple[np.ndarray, np.ndarray], callbacks: list[Any],
+        folder: Path) -> int | None:
+    """model.fit over the epoch streams; the number of the signal that stopped it, if one did."""
+    try:
+        model.fit(batches, validation_data=validation, validation_batch_size=cfg.batch_size, epochs=cfg.epochs,
+                  shuffle=False,  # the batches come shuffled, per epoch
+                  verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in a log file or pipe
+                  callbacks=callbacks)
+    except TrainingInterrupted as stop:
+        return stop.signum
+    except (OSError, ValueError) as e:
+        if not cfg.resume:
+            raise
+        raise UserError(f"cannot restore the saved run from {folder} ({first_line(e)}); "
+                        "run without --resume to start afresh") from None
+    return None
+
+
 def seed_everything(seed: int) -> None:
     """Same seed, same machine, same flags: the same run."""
     keras, tf = import_keras(), import_tensorflow()
-
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
 
 
-def has_non_finite(history: dict[str, list[float]]) -> bool:
-    """True if any logged loss is NaN or infinite."""
-    return any(not math.isfinite(v) for key in ("loss", "val_loss") for v in history.get(key, []))
+def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
+                  model: Any) -> tuple[Any, Callable[[int], None]]:
+    """Training batches and dropout masks that are a function of (seed, epoch): a tf.data set, and the function
+    that sets the epoch.
 
-
-def resume_root(cfg: Config) -> Path:
-    """Where unfinished runs keep what --resume needs (beside the model)."""
-    return cfg.model_path.with_name(f".{cfg.model_path.stem}.resume")
-
-
-def run_folder(cfg: Config, lr: float, seed: int) -> Path:
-    """One run's resume folder: the root itself for a single run, a subfolder per run otherwise."""
-    root = resume_root(cfg)
-    return root if len(cfg.runs) == 1 else root / f"lr{lr:g}-seed{seed}"
-
-
-def prepare_resume_root(cfg: Config) -> None:
-    """Without --resume, discard any unfinished run; with it, make sure there is one."""
-    root = resume_root(cfg)
-    if cfg.resume and not root.is_dir():
-        raise UserError(f"nothing to resume at {root}: no unfinished run with this --model-path; "
-                        "run without --resume")
-    if not cfg.resume and root.exists():
-        print(f"Note: starting afresh; discarding the unfinished run saved in {root}")
-        shutil.rmtree(root)
-
-
-def run_identity(cfg: Config, lr: float, seed: int, precision: str) -> dict[str, Any]:
-    """The settings that shape the model, the data or the schedule: a resume must match them all."""
-    return {"data": str(cfg.data_dir) if cfg.data_dir else "keras.datasets", "limit": cfg.limit,
-            "val_split": cfg.val_split, "seed": seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-            "lr": lr, "schedule": cfg.schedule, "filters": cfg.filters, "kernel_size": cfg.kernel_size,
-            "padding": cfg.padding, "dense_units": cfg.dense_units, "dropout": cfg.dropout,
-            "precision": precision}
-
-
-@dataclasses.dataclass
-class RunState:
-    """Progress of a run as saved after every epoch: enough to resume it."""
-
-    identity: dict[str, Any]
-    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    best_epoch: int | None = None        # 1-based
-    best_value: float | None = None      # BEST_MONITOR at best_epoch
-    best_weights: list[np.ndarray] | None = None
-    seconds: float = 0.0                 # training time of the finished epochs, across resumes
-    finished: bool = False               # all epochs done (kept until the other runs of a study finish)
-
-    def save(self, folder: Path) -> None:
-        """Write the best weights, then the JSON that points at them, each atomically."""
-        if self.best_weights is not None:
-            with atomic_path(folder / "best_weights.npz") as tmp, open(tmp, "wb") as f:
-                np.savez(f, *self.best_weights)
-        meta = {"identity": self.identity, "history": self.history, "seconds": self.seconds,
-                "best_epoch": self.best_epoch, "best_value": self.best_value, "finished": self.finished}
-        write_json(folder / "state.json", meta)
-
-    @classmethod
-    def load(cls, folder: Path) -> RunState:
-        """Read a saved state, or say there is nothing to resume."""
-        try:
-            meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-            weights = None
-            if meta["best_epoch"] is not None:
-                with np.load(folder / "best_weights.npz") as npz:
-                    weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
-        except FileNotFoundError:
-            raise UserError(f"nothing to resume at {folder}: no unfinished run with this --model-path; "
-                            "run without --resume") from None
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"the resume state in {folder} is damaged ({first_line(e)}); "
-                            "run without --resume to start afresh") from None
-        history = {k: [math.nan if v is None else v for v in vs] for k, vs in meta["history"].items()}
-        return cls(meta["identity"], history, meta["best_epoch"], meta["best_value"], weights, meta["seconds"],
-                   meta.get("finished", False))
-
-
-def resume_state(cfg: Config, identity: dict[str, Any], folder: Path) -> RunState:
-    """A fresh state, or (with --resume) the one saved in folder after checking that nothing that matters changed.
-
-    In a study resumed with --resume, a run that had not started yet starts afresh.
+    fit(shuffle=True) with a seed set gives the same batch order every epoch, and BackupAndRestore saves
+    neither that nor the dropout layers' random state. Keyed by epoch, every epoch gets a new order and new
+    masks, and a resumed run sees exactly the batches and masks the uninterrupted run would have.
     """
-    if not cfg.resume or (len(cfg.runs) > 1 and not (folder / "state.json").exists()):
-        return RunState(identity)
-    state = RunState.load(folder)
-    changed = [f"{k} was {state.identity.get(k)!r}, now {v!r}" for k, v in identity.items()
-               if state.identity.get(k) != v]
-    if changed:
-        raise UserError(f"cannot resume with different settings ({'; '.join(changed)}); "
-                        "use the original flags, or run without --resume to start afresh")
-    done = len(state.history.get("loss", []))
-    print("Already finished; using the saved result" if state.finished
-          else f"Resuming after epoch {done} of {cfg.epochs} from {folder}")
-    return state
+    tf = import_tensorflow()
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    images, labels = tf.constant(x), tf.constant(y)
+
+    @tf.autograph.experimental.do_not_convert  # plain TensorFlow ops; AutoGraph fails on it in Ray tasks
+    def epoch_order(_: Any) -> Any:
+        key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
+        return tf.random.experimental.stateless_shuffle(tf.range(len(y), dtype=tf.int64), seed=key)
+
+    batches = (tf.data.Dataset.range(1).map(epoch_order)
+               .flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+               .map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)), num_parallel_calls=tf.data.AUTOTUNE)
+               .apply(tf.data.experimental.assert_cardinality(math.ceil(len(y) / batch_size)))
+               .prefetch(tf.data.AUTOTUNE))
+    generators = [layer.seed_generator for layer in model.layers if hasattr(layer, "seed_generator")]
+    layer_seeds = [int(g.state.numpy()[0]) for g in generators]
+
+    def start_epoch(number: int) -> None:
+        epoch.assign(number)
+        for generator, layer_seed in zip(generators, layer_seeds, strict=True):
+            # state is (key, draws so far); TensorFlow folds the key below 2**31, so mix the epoch into it
+            key = np.random.SeedSequence([layer_seed, number]).generate_state(1)[0] % (2**31 - 2)
+            generator.state.assign([int(key), 0])
+
+    return batches, start_epoch
 
 
-def journal_callback(state: RunState, folder: Path) -> Any:
-    """A Keras callback that keeps the best epoch's weights and saves the run's state after every epoch.
-
-    EarlyStopping(restore_best_weights=True) does the first half, but forgets
-    everything on a resumed fit(); this keeps it in `state`, on disk.
-    """
+def run_callback(state: RunState, folder: Path, start_epoch: Callable[[int], None], stop: list[int]) -> Any:
+    """The run's own Keras callback: keys each epoch's streams, stops on a signal, and after every epoch keeps
+    the best weights and saves the run's state (EarlyStopping(restore_best_weights) forgets them on resume)."""
     keras = import_keras()
 
-    class Journal(keras.callbacks.Callback):
+    class Run(keras.callbacks.Callback):
         def on_train_begin(self, logs: dict | None = None) -> None:
             self.seconds_before, self.started = state.seconds, time.perf_counter()
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            # A kill between this journal's save and BackupAndRestore's makes Keras redo an epoch.
+            start_epoch(epoch)
+            # A kill between this callback's save and BackupAndRestore's makes Keras redo an epoch.
             for values in state.history.values():
                 del values[epoch:]
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if stop:
+                raise TrainingInterrupted(stop[0])
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
@@ -759,106 +632,12 @@ def journal_callback(state: RunState, folder: Path) -> Any:
             state.seconds = self.seconds_before + time.perf_counter() - self.started
             state.save(folder)
 
-    return Journal()
+    return Run()
 
 
-def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, model: Any) -> tuple[Any, Any]:
-    """Training batches and dropout masks that are a function of (seed, epoch): a tf.data set and its callback.
-
-    fit(shuffle=True) would draw its permutation from the global seed once per epoch's iterator, which
-    with a seed set is the same permutation every epoch; and BackupAndRestore saves neither that nor the
-    dropout layers' random state. Keyed by epoch, every epoch gets a new order and new masks, and a
-    resumed run sees exactly the batches and masks the uninterrupted run would have.
-    """
-    keras, tf = import_keras(), import_tensorflow()
-
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    steps = math.ceil(len(y) / batch_size)
-    images, labels = tf.constant(x), tf.constant(y)
-
-    @tf.autograph.experimental.do_not_convert  # plain TensorFlow ops; AutoGraph fails on it in Ray tasks
-    def epoch_order(_: Any) -> Any:
-        key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
-        return tf.random.experimental.stateless_shuffle(tf.range(len(y), dtype=tf.int64), seed=key)
-
-    batches = (tf.data.Dataset.range(1).map(epoch_order)
-               .flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
-               .map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)), num_parallel_calls=tf.data.AUTOTUNE)
-               .apply(tf.data.experimental.assert_cardinality(steps))
-               .prefetch(tf.data.AUTOTUNE))
-    generators = [layer.seed_generator for layer in model.layers if hasattr(layer, "seed_generator")]
-    layer_seeds = [int(g.state.numpy()[0]) for g in generators]
-
-    class EpochStreams(keras.callbacks.Callback):
-        def on_epoch_begin(self, number: int, logs: dict | None = None) -> None:
-            epoch.assign(number)
-            for generator, layer_seed in zip(generators, layer_seeds, strict=True):
-                # state is (key, draws so far); TensorFlow folds the key below 2**31, so mix the epoch into it
-                key = np.random.SeedSequence([layer_seed, number]).generate_state(1)[0] % (2**31 - 2)
-                generator.state.assign([int(key), 0])
-
-    return batches, EpochStreams()
-
-
-def progress_verbosity() -> int:
-    """Keras progress bars on a terminal; one line per epoch when output goes to a log file or pipe."""
-    return 1 if sys.stdout.isatty() else 2
-
-
-def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
-          handle_signals: bool = True) -> TrainResult:
-    """Train a model at learning rate lr with seed (or resume it from folder); end with the best epoch's weights."""
-    keras = import_keras()
-
-    precision, why = set_precision(cfg.precision)
-    print(f"Precision: {precision} ({why})", flush=True)
-    seed_everything(seed)
-    state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
-    steps = math.ceil(len(data.y_train) / cfg.batch_size)
-    with distribution_scope(cfg.distribute):
-        model = build_model(cfg, lr, steps)
-    interrupted_by = None
-    if not state.finished:
-        callbacks = [
-            journal_callback(state, folder),  # before BackupAndRestore: see Journal.on_epoch_begin
-            keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
-            keras.callbacks.TerminateOnNaN(),
-        ]
-        batches, streams = epoch_streams(data.x_train, data.y_train, cfg.batch_size, seed, model)
-        interrupted_by = fit(cfg, model, batches, (data.x_val, data.y_val), [streams, *callbacks],
-                             handle_signals, folder)
-    if state.best_weights is not None:
-        model.set_weights(state.best_weights)
-    if interrupted_by is None and not state.finished:
-        state.finished = True
-        state.save(folder)
-        shutil.rmtree(folder / "backup", ignore_errors=True)
-    return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, has_non_finite(state.history),
-                       interrupted_by, seed=seed, precision=precision, best_value=state.best_value)
-
-
-def fit(cfg: Config, model: Any, batches: Any, validation: tuple[np.ndarray, np.ndarray], callbacks: list[Any],
-        handle_signals: bool, folder: Path) -> int | None:
-    """model.fit with the run's callbacks; the number of the signal that stopped it, if one did."""
-    stops = stop_requests() if handle_signals else contextlib.nullcontext([])
-    with stops as received:
-        try:
-            model.fit(batches, validation_data=validation, validation_batch_size=cfg.batch_size, epochs=cfg.epochs,
-                      shuffle=False,  # batches come shuffled, per epoch (Keras warns when given True)
-                      verbose=progress_verbosity(), callbacks=[*callbacks, interrupt_callback(received)])
-        except TrainingInterrupted as stop:
-            return stop.signum
-        except (OSError, ValueError) as e:
-            if not cfg.resume:
-                raise
-            raise UserError(f"cannot restore the saved run from {folder} ({first_line(e)}); "
-                            "run without --resume to start afresh") from None
-    return None
-
-
-# ----------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------
+# =============================================================================
+# Evaluation and outputs
+# =============================================================================
 
 @dataclasses.dataclass
 class Evaluation:
@@ -894,111 +673,69 @@ def print_evaluation(ev: Evaluation) -> None:
         print(f"  {name:<12} {acc:7.2%}")
 
 
-# ----------------------------------------------------------------------------
-# Writing outputs (each file appears whole or not at all)
-# ----------------------------------------------------------------------------
-
-_staged: list[tuple[Path, Path]] | None = None  # (temporary, final) files while an output_set() is open
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success, fsync it and rename it into place.
-
-    Inside output_set() the rename waits for the end of the set. A failed write names the file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.chmod(0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
-    kept = False
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if _staged is None:
-            os.replace(tmp, path)
-        else:
-            _staged.append((tmp, path))
-            kept = True
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or first_line(e)})") from None
-    finally:
-        if not kept:
-            tmp.unlink(missing_ok=True)
+def test_and_write(cfg: Config, arrays: Arrays, runs: list[TrainResult], test: bool) -> None:
+    """Test the chosen rate's runs (every seed), print the results, and write the outputs of the seed with the best
+    validation accuracy. Without `test` (an interrupted run) only the best epoch so far is written."""
+    usable = [r for r in runs if r.model is not None and r.best_epoch is not None]
+    if not usable:
+        return
+    keep = max(usable, key=lambda r: r.best_value)
+    data = split_data(arrays, cfg, keep.seed)  # every seed's split shares the one test set
+    evals = {r.seed: evaluate(r.model, data, cfg.batch_size) for r in usable} if test else {}
+    extra = {}
+    if len(runs) > 1:
+        rows = [seed_row(r, evals.get(r.seed)) for r in runs]
+        extra = seed_summary(rows, [ev.accuracy for ev in evals.values()], [ev.loss for ev in evals.values()])
+        spread = f" ± {extra['test_accuracy_std']:.2%} (mean ± sample std)" if len(evals) > 1 else ""
+        print(f"\nTest results of lr={keep.lr:g} per seed:\n{format_seed_table(rows)}")
+        print(f"Test accuracy over {len(evals)} seed(s): {extra['test_accuracy_mean']:.2%}{spread}")
+        print(f"\nSeed {keep.seed} has the best validation accuracy; its model and plots are saved. Its test results:")
+    if keep.seed in evals:
+        print_evaluation(evals[keep.seed])
+    write_run_outputs(cfg, data, keep, evals.get(keep.seed), extra)
+    done = len(keep.history.get("loss", []))
+    print(f"Kept epoch {keep.best_epoch} of {done} (best {BEST_MONITOR}); model: {cfg.model_path}; "
+          f"plots and metrics: {cfg.plots_dir}/")
 
 
-@contextlib.contextmanager
-def output_set(retry_hint: str = "") -> Iterator[None]:
-    """The files written inside this block appear together when it ends; if it fails, none of them do.
+def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evaluation | None,
+                      extra: dict[str, Any]) -> None:
+    """Model, plots, history.csv and metrics.json of one run (extra: more fields for metrics.json)."""
+    d = cfg.plots_dir
+    with atomic_path(cfg.model_path) as tmp:
+        result.model.save(tmp)
+    plot_curves(result.history, "accuracy", result.best_epoch, d / "accuracy.png")
+    plot_curves(result.history, "loss", result.best_epoch, d / "loss.png")
+    plot_architecture(result.model, d / "architecture.png")
+    write_history_csv(result.history, d / "history.csv")
+    if ev is not None:
+        plot_confusion(ev.confusion, d / "confusion_matrix.png")
+        plot_predictions(data, ev.predicted, d / "predictions.png")
+    write_json(d / "metrics.json", {
+        "test_loss": ev.loss if ev else None,
+        "test_accuracy": ev.accuracy if ev else None,
+        "per_class_test_accuracy": ev.per_class_accuracy if ev else None,
+        "learning_rate": result.lr,
+        "best_epoch": result.best_epoch,
+        "best_epoch_selected_by": BEST_MONITOR,
+        "epochs_completed": len(result.history.get("loss", [])),
+        "interrupted": result.interrupted_by is not None,
+        "diverged": result.diverged,
+        "training_seconds": round(result.seconds, 2),
+        "peak_memory_mb": peak_memory_mb(),
+        "train_images": len(data.y_train),
+        "validation_images": len(data.y_val),
+        "test_images": len(data.y_test),
+        "seed": result.seed,
+        "precision": result.precision,
+        **extra,
+        "config": config_dict(cfg),
+        "history": result.history,
+        "versions": library_versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count()},
+    })
 
-    So a run that fails part-way through writing (a full disk, say) leaves the earlier run's set as it was,
-    instead of new plots beside an old metrics.json. retry_hint ends the error message.
-    """
-    global _staged
-    _staged = staged = []
-    try:
-        yield
-    except BaseException as e:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, UserError):
-            raise UserError(f"{e}; none of this run's outputs were written and the earlier ones are as they "
-                            f"were{retry_hint}", e.exit_code) from None
-        raise
-    else:
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        _staged = None
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so set it back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-
-
-def check_writable(*folders: Path) -> None:
-    """Fail before training, not after it, if an output folder cannot be written."""
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as e:
-            raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another folder "
-                            "with --plots-dir / --model-path") from None
-
-
-def save_model(model: Any, path: Path) -> None:
-    """Save a .keras model atomically."""
-    with atomic_path(path) as tmp:
-        model.save(tmp)
-
-
-# ----------------------------------------------------------------------------
-# Report: plots, history and metrics
-# ----------------------------------------------------------------------------
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the file-only Agg backend (works without a display)."""
@@ -1010,15 +747,10 @@ def pyplot() -> Any:
     return plt
 
 
-def integer_ticks() -> Any:
-    """A tick locator for epoch axes: whole numbers only."""
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(integer=True)
-
-
 def plot_curves(history: dict[str, list[float]], metric: str, best_epoch: int | None, path: Path) -> None:
     """Training and validation `metric` per epoch, with the kept epoch marked."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     epochs = range(1, len(history[metric]) + 1)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -1027,7 +759,7 @@ def plot_curves(history: dict[str, list[float]], metric: str, best_epoch: int | 
     if best_epoch:
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept epoch {best_epoch}")
     ax.set(xlabel="epoch", ylabel=metric, title=f"Fashion-MNIST CNN: {metric} per epoch")
-    ax.xaxis.set_major_locator(integer_ticks())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
@@ -1073,8 +805,8 @@ def plot_predictions(data: Dataset, predicted: np.ndarray, path: Path, count: in
 def plot_architecture(model: Any, path: Path) -> None:
     """A top-down diagram of the layers with their output shapes and parameter counts.
 
-    Drawn with matplotlib rather than keras.utils.plot_model, which needs the
-    Graphviz program that pip cannot install.
+    Drawn with matplotlib rather than keras.utils.plot_model, which needs the Graphviz program that pip cannot
+    install.
     """
     plt = pyplot()
     rows = [("image (Input, uint8)", str((None, IMAGE_SIDE, IMAGE_SIDE, 1)), "")]
@@ -1116,12 +848,6 @@ def library_versions() -> dict[str, str]:
             "numpy": np.__version__, "scikit-learn": sklearn.__version__, "matplotlib": matplotlib.__version__}
 
 
-def machine_summary() -> dict[str, Any]:
-    """The machine a run happened on, for metrics.json."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count()}
-
-
 def peak_memory_mb() -> float | None:
     """This process's peak resident memory so far, in MB (None where the OS does not say)."""
     try:
@@ -1132,373 +858,9 @@ def peak_memory_mb() -> float | None:
     return round(kilobytes / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def config_dict(cfg: Config) -> dict[str, Any]:
-    """The configuration as JSON-friendly values."""
-    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    out["lrs"], out["seeds"] = list(cfg.lrs), list(cfg.seeds)
-    out.pop("predict")
-    out.pop("json_output")
-    out.pop("resume")
-    return out
-
-
-def json_safe(value: Any) -> Any:
-    """Replace NaN and infinities (not valid JSON) with None, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Pretty JSON, atomically."""
-    write_text(path, json.dumps(json_safe(payload), indent=2) + "\n")
-
-
-def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evaluation | None,
-                      extra: dict[str, Any] | None = None) -> None:
-    """Model, plots, history.csv and metrics.json of one run (extra: more fields for metrics.json)."""
-    d = cfg.plots_dir
-    save_model(result.model, cfg.model_path)
-    plot_curves(result.history, "accuracy", result.best_epoch, d / "accuracy.png")
-    plot_curves(result.history, "loss", result.best_epoch, d / "loss.png")
-    plot_architecture(result.model, d / "architecture.png")
-    write_history_csv(result.history, d / "history.csv")
-    if ev is not None:
-        plot_confusion(ev.confusion, d / "confusion_matrix.png")
-        plot_predictions(data, ev.predicted, d / "predictions.png")
-    metrics = {
-        "test_loss": ev.loss if ev else None,
-        "test_accuracy": ev.accuracy if ev else None,
-        "per_class_test_accuracy": ev.per_class_accuracy if ev else None,
-        "learning_rate": result.lr,
-        "best_epoch": result.best_epoch,
-        "best_epoch_selected_by": BEST_MONITOR,
-        "epochs_completed": len(result.history.get("loss", [])),
-        "interrupted": result.interrupted_by is not None,
-        "diverged": result.diverged,
-        "training_seconds": round(result.seconds, 2),
-        "peak_memory_mb": peak_memory_mb(),
-        "train_images": len(data.y_train),
-        "validation_images": len(data.y_val),
-        "test_images": len(data.y_test),
-        "seed": result.seed,
-        "precision": result.precision,
-        **(extra or {}),
-        "config": config_dict(cfg),
-        "history": result.history,
-        "versions": library_versions(),
-        "machine": machine_summary(),
-    }
-    write_json(d / "metrics.json", metrics)
-
-
-# ----------------------------------------------------------------------------
-# Single run
-# ----------------------------------------------------------------------------
-
-def finish_run(cfg: Config, data: Dataset, result: TrainResult) -> int:
-    """Evaluate (unless stopped early), write the outputs and pick the exit code."""
-    done = len(result.history.get("loss", []))
-    if result.best_epoch is None:
-        if result.interrupted_by is not None:
-            print("No epoch finished; nothing was written and earlier outputs are untouched.", file=sys.stderr)
-            return signal_exit_code(result.interrupted_by)
-        print(f"error: the loss became NaN or infinite at learning rate {result.lr:g} before any epoch finished; "
-              "nothing was written. Try a smaller --lr.", file=sys.stderr)
-        return EXIT_DIVERGED
-    ev = None
-    if result.interrupted_by is None:
-        ev = evaluate(result.model, data, cfg.batch_size)
-        print_evaluation(ev)
-    write_run_outputs(cfg, data, result, ev)
-    print(f"Kept epoch {result.best_epoch} of {done} (best {BEST_MONITOR}); "
-          f"model: {cfg.model_path}; plots and metrics: {cfg.plots_dir}/")
-    if result.interrupted_by is not None:
-        print(f"Interrupted after {done} of {cfg.epochs} epochs; the best weights so far were saved. "
-              "To continue, run the same command with --resume.", file=sys.stderr)
-        return signal_exit_code(result.interrupted_by)
-    if result.diverged:
-        print(f"error: the loss became NaN or infinite at learning rate {result.lr:g}; "
-              "the best weights before that were kept. Try a smaller --lr.", file=sys.stderr)
-        return EXIT_DIVERGED
-    return 0
-
-
-RETRY_WITH_RESUME = "; to write them without training again, run the same command with --resume"
-
-
-def signal_exit_code(signum: int) -> int:
-    """The shell's convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
-    return 128 + signum
-
-
-def run_single(cfg: Config, data: Dataset) -> int:
-    """Train one model at cfg.lr with cfg.seed, evaluate it on the test set, write everything."""
-    prepare_resume_root(cfg)
-    result = train(cfg, data, cfg.lr, cfg.seed, resume_root(cfg))
-    with output_set(RETRY_WITH_RESUME):
-        code = finish_run(cfg, data, result)
-    if result.interrupted_by is None:
-        shutil.rmtree(resume_root(cfg), ignore_errors=True)
-    return code
-
-
-# ----------------------------------------------------------------------------
-# Several runs: learning rates x seeds, here one after another or on Ray
-# ----------------------------------------------------------------------------
-
-def run_banner(cfg: Config, number: int, lr: float, seed: int) -> str:
-    """The progress line printed before each run."""
-    rate = (f"Learning-rate study: rate {cfg.lrs.index(lr) + 1} of {len(cfg.lrs)}: lr={lr:g}"
-            if len(cfg.lrs) > 1 else f"lr={lr:g}")
-    seeds = f", seed {seed} ({cfg.seeds.index(seed) + 1} of {len(cfg.seeds)})" if len(cfg.seeds) > 1 else ""
-    return f"=== Run {number} of {len(cfg.runs)}: {rate}{seeds} ==="
-
-
-def train_in_turn(cfg: Config, arrays: Arrays) -> list[TrainResult]:
-    """Train every run on this machine, one after another; stop at the first interrupted one."""
-    results = []
-    for number, (lr, seed) in enumerate(cfg.runs, start=1):
-        print(f"\n{run_banner(cfg, number, lr, seed)}", flush=True)
-        result = train(cfg, split_data(arrays, cfg, seed), lr, seed, run_folder(cfg, lr, seed))
-        results.append(result)
-        if result.interrupted_by is not None:
-            break
-        if result.diverged:
-            print(f"lr={lr:g}, seed {seed} diverged (loss became NaN or infinite); going on with the other runs.")
-    return results
-
-
-RAY_RETRIES = 2  # Ray runs a task again this often if it raises or its worker or node is lost
-
-
-def connect_ray(address: str) -> tuple[Any, bool]:
-    """Ray, connected to a new local instance ("local", on 127.0.0.1 only) or to the cluster at address.
-
-    Also says whether this call connected (and so should disconnect): a caller that
-    ran ray.init() itself, in a notebook or a test, keeps its own connection.
-    """
-    if address == "local":
-        # A one-machine instance: Ray then listens on 127.0.0.1 only, not on every network interface.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray needs Ray; install it with: pip install ray") from None
-    if __name__ != "__main__":
-        # Ship this module's code with each task, so cluster nodes need the libraries but not this file.
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    if ray.is_initialized():
-        return ray, False
-    import logging
-
-    # Ray 2.52+ announces on stderr that it turned its token authentication on; that is the safe default, not news.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-        lambda record: not record.getMessage().startswith("Token authentication is enabled for this Ray cluster"))
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"]}})
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        raise UserError(f"cannot reach a Ray cluster at {address} ({first_line(e)})") from None
-    return ray, True
-
-
-def ray_address_parts(address: str) -> tuple[str, int] | None:
-    """(host, port) of a HOST:PORT address, or None if it is not one."""
-    host, _, port = address.rpartition(":")
-    return (host.strip("[]"), int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else None
-
-
-def check_ray_reachable(address: str) -> None:
-    """Fail at once if nothing answers at a HOST:PORT cluster address (ray.init would retry for minutes)."""
-    parts = ray_address_parts(address)
-    if parts is None:
-        return
-    try:
-        with socket.create_connection(parts, timeout=10):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); "
-                        "start one with 'ray start --head', or check the address") from None
-
-
-def use_task_cpus() -> None:
-    """Let TensorFlow use only the CPUs Ray gave this task, so parallel tasks don't fight over cores."""
-    import ray
-    tf = import_tensorflow()
-
-    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    with contextlib.suppress(RuntimeError):  # a reused worker process has set them already
-        tf.config.threading.set_intra_op_parallelism_threads(cpus)
-        tf.config.threading.set_inter_op_parallelism_threads(cpus)
-
-
-def ray_task(cfg: Config, lr: float, seed: int) -> dict[str, Any]:
-    """One run as a Ray task on whichever node Ray picks; the node reads the data itself."""
-    use_task_cpus()
-    data = load_data(cfg, seed)
-    with tempfile.TemporaryDirectory(prefix="fashion_cnn_run_") as folder:
-        r = train(dataclasses.replace(cfg, resume=False), data, lr, seed, Path(folder),
-                  handle_signals=False)
-    return {"history": r.history, "best_epoch": r.best_epoch, "best_value": r.best_value, "seconds": r.seconds,
-            "diverged": r.diverged, "precision": r.precision, "node": platform.node(),
-            "steps_per_epoch": math.ceil(len(data.y_train) / cfg.batch_size),
-            "weights": r.model.get_weights() if r.best_epoch is not None else None}
-
-
-def result_from_task(cfg: Config, lr: float, seed: int, out: dict[str, Any]) -> TrainResult:
-    """Rebuild a run's model here from the weights its Ray task sent back."""
-    model = None
-    if out["weights"] is not None:
-        model = build_model(cfg, lr, out["steps_per_epoch"])
-        model.set_weights(out["weights"])
-    return TrainResult(model, lr, out["history"], out["best_epoch"], out["seconds"], out["diverged"],
-                       seed=seed, precision=out["precision"], best_value=out["best_value"])
-
-
-def train_on_ray(cfg: Config, task: Any = ray_task) -> list[TrainResult]:
-    """Run every (rate, seed) as a Ray task; a task that still fails after its retries is reported as failed."""
-    ray, connected = connect_ray(cfg.ray or "local")
-    try:
-        shipped = dataclasses.replace(cfg, data_dir=cfg.data_dir.resolve() if cfg.data_dir else None)
-        resources = ray.cluster_resources()
-        gpus = 1 if resources.get("GPU", 0) >= 1 else 0
-        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=RAY_RETRIES, retry_exceptions=True)(task)
-        pending = {remote.remote(shipped, lr, seed): (lr, seed) for lr, seed in cfg.runs}
-        print(f"Ray: {len(pending)} runs on {len(ray.nodes())} node(s) with {resources.get('CPU', 0):g} CPUs and "
-              f"{resources.get('GPU', 0):g} GPUs; one CPU{' and one GPU' if gpus else ''} per run", flush=True)
-        done: dict[tuple[float, int], TrainResult] = {}
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            lr, seed = pending.pop(ref)
-            try:
-                done[lr, seed] = result_from_task(cfg, lr, seed, ray.get(ref))
-                status = "diverged" if done[lr, seed].diverged else f"best {BEST_MONITOR} {done[lr, seed].best_value}"
-            except ray.exceptions.RayError as e:
-                reason = first_line(getattr(e, "cause", None) or e)
-                done[lr, seed] = TrainResult(None, lr, {}, None, 0.0, seed=seed, failed=reason)
-                status = f"FAILED after {RAY_RETRIES} retries: {reason}"
-            print(f"Ray: run lr={lr:g}, seed {seed} finished ({len(done)} of {len(cfg.runs)}): {status}", flush=True)
-    finally:
-        if connected:
-            ray.shutdown()
-    return [done[run] for run in cfg.runs]
-
-
-def run_many(cfg: Config, arrays: Arrays) -> int:
-    """Train every (rate, seed) run, here or on Ray, then compare the rates and report the seeds."""
-    if cfg.ray:
-        results = train_on_ray(cfg)
-    else:
-        prepare_resume_root(cfg)
-        results = train_in_turn(cfg, arrays)
-        stopped = results[-1].interrupted_by
-        if stopped is not None:
-            print(f"Interrupted in run {len(results)} of {len(cfg.runs)}; the finished runs and the best epoch so "
-                  f"far are saved in {resume_root(cfg)}. To continue, run the same command with --resume.",
-                  file=sys.stderr)
-            return signal_exit_code(stopped)
-    with output_set("" if cfg.ray else RETRY_WITH_RESUME):
-        code = report_runs(cfg, arrays, results)
-    if not cfg.ray:
-        shutil.rmtree(resume_root(cfg), ignore_errors=True)
-    return code
-
-
-def report_runs(cfg: Config, arrays: Arrays, results: list[TrainResult]) -> int:
-    """Pick the rate by validation loss (a study), then evaluate its seeds on the test set and write the outputs."""
-    final = results
-    if len(cfg.lrs) > 1:
-        by_rate = {lr: [r for r in results if r.lr == lr] for lr in cfg.lrs}
-        chosen = compare_rates(cfg, by_rate)
-        if chosen is None:
-            return EXIT_FAILURE if all(r.failed for r in results) else EXIT_DIVERGED
-        final = by_rate[chosen]
-    code = report_seeds(cfg, arrays, final)
-    failed = [r for r in results if r.failed]
-    if failed:
-        names = ", ".join(f"lr={r.lr:g} seed {r.seed}" for r in failed)
-        print(f"error: {len(failed)} of {len(results)} runs failed ({names}); the rest were reported and written.",
-              file=sys.stderr)
-        return EXIT_FAILURE
-    return code
-
-
-# ----------------------------------------------------------------------------
-# Statistics over seeds
-# ----------------------------------------------------------------------------
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1); a single value is its own mean, with no spread."""
-    if not values:
-        return None, None
-    if len(values) == 1:
-        return values[0], None
-    return float(np.mean(values)), float(np.std(values, ddof=1))
-
-
-def seed_row(result: TrainResult, ev: Evaluation | None) -> dict[str, Any]:
-    """One seed's figures: the kept epoch, its validation accuracy and its test results."""
-    return {"seed": result.seed, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_value,
-            "test_loss": ev.loss if ev else None, "test_accuracy": ev.accuracy if ev else None,
-            "training_seconds": round(result.seconds, 2), "diverged": result.diverged, "failed": result.failed}
-
-
-def format_seed_table(rows: list[dict[str, Any]]) -> str:
-    """Per-seed test results as printed."""
-    lines = [f"{'seed':>10} {'kept epoch':>10} {'val acc':>8} {'test loss':>9} {'test acc':>8} {'seconds':>8}  status"]
-    for r in rows:
-        status = "failed: " + r["failed"] if r["failed"] else ("diverged" if r["diverged"] else "")
-        lines.append(f"{r['seed']:>10} {fmt(r['best_epoch'], 'd'):>10} {fmt(r['best_val_accuracy'], '.2%'):>8} "
-                     f"{fmt(r['test_loss'], '.4f'):>9} {fmt(r['test_accuracy'], '.2%'):>8} "
-                     f"{r['training_seconds']:>8.1f}  {status}")
-    return "\n".join(lines)
-
-
-def fmt(value: Any, spec: str) -> str:
-    """A table cell: the value formatted, or '-' when there is none."""
-    return "-" if value is None else format(value, spec)
-
-
-def report_seeds(cfg: Config, arrays: Arrays, results: list[TrainResult]) -> int:
-    """Test every seed's model of one rate; print mean ± std; write the outputs of the best seed by validation."""
-    usable = [r for r in results if r.model is not None and r.best_epoch is not None]
-    if len(results) == 1 and usable:
-        return finish_run(cfg, split_data(arrays, cfg, usable[0].seed), usable[0])
-    if not usable:
-        print("error: no run of this rate finished an epoch; nothing was written.", file=sys.stderr)
-        return EXIT_FAILURE if all(r.failed for r in results) else EXIT_DIVERGED
-    keep = max(usable, key=lambda r: r.best_value)
-    data = split_data(arrays, cfg, keep.seed)  # every seed's split shares the one test set
-    evals = {r.seed: evaluate(r.model, data, cfg.batch_size) for r in usable}
-    rows = [seed_row(r, evals.get(r.seed)) for r in results]
-    acc_mean, acc_std = mean_std([ev.accuracy for ev in evals.values()])
-    loss_mean, loss_std = mean_std([ev.loss for ev in evals.values()])
-    print(f"\nTest results of lr={keep.lr:g} per seed:\n{format_seed_table(rows)}")
-    spread = f" ± {acc_std:.2%} (mean ± sample std)" if acc_std is not None else ""
-    print(f"Test accuracy over {len(evals)} seed(s): {acc_mean:.2%}{spread}")
-    print(f"\nSeed {keep.seed} has the best validation accuracy; its model and plots are saved. Its test results:")
-    print_evaluation(evals[keep.seed])
-    summary = {"seeds": rows, "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
-               "test_loss_mean": loss_mean, "test_loss_std": loss_std,
-               "std_is": "sample standard deviation (ddof=1) over seeds",
-               "saved_seed": keep.seed, "saved_seed_selected_by": BEST_MONITOR}
-    write_run_outputs(cfg, data, keep, evals[keep.seed], summary)
-    print(f"Model: {cfg.model_path}; plots and metrics: {cfg.plots_dir}/")
-    if any(r.diverged for r in usable):
-        print("error: some seeds diverged (loss became NaN or infinite); their best epochs before that were "
-              "tested. Try a smaller --lr.", file=sys.stderr)
-        return EXIT_DIVERGED
-    return 0
-
-
-# ----------------------------------------------------------------------------
-# Learning-rate study
-# ----------------------------------------------------------------------------
+# =============================================================================
+# Learning-rate study and statistics over seeds
+# =============================================================================
 
 STUDY_FIELDS = ("best_val_loss", "best_val_loss_epoch", "best_val_accuracy", "final_val_loss", "final_val_accuracy")
 # A run whose best validation accuracy stays below this never learned (chance is 1/10): with too high a rate the
@@ -1506,10 +868,25 @@ STUDY_FIELDS = ("best_val_loss", "best_val_loss_epoch", "best_val_accuracy", "fi
 STALLED_BELOW_ACCURACY = 1.5 / len(CLASS_NAMES)
 
 
-def stalled_at_chance(row: dict[str, Any]) -> bool:
-    """True for a rate that did not diverge yet never got clearly above chance-level validation accuracy."""
-    acc = row.get("best_val_accuracy")
-    return not row["diverged"] and acc is not None and acc < STALLED_BELOW_ACCURACY
+def choose_rate(cfg: Config, runs: list[TrainResult]) -> list[TrainResult] | None:
+    """The runs of the rate to test: the only one, or (a study) the one with the lowest best validation loss,
+    after printing the study's table and writing lr_study.png and .json. None if every rate diverged or failed."""
+    if len(cfg.lrs) == 1:
+        return runs
+    by_rate = {lr: [r for r in runs if r.lr == lr] for lr in cfg.lrs}
+    rows = [rate_row(lr, results) for lr, results in by_rate.items()]
+    chosen = recommend(rows)
+    print("\n" + format_study_table(rows, chosen))
+    plot_study(by_rate, cfg.plots_dir / "lr_study.png")
+    mean = "mean " if len(cfg.seeds) > 1 else ""
+    write_json(cfg.plots_dir / "lr_study.json", {
+        "rates": rows, "recommended_lr": chosen["lr"] if chosen else None,
+        "selected_by": f"lowest {mean}best validation loss", "seeds": list(cfg.seeds), "config": config_dict(cfg)})
+    if chosen is None:
+        return None
+    print(f"\nRecommended learning rate: {chosen['lr']:g} (lowest {mean}best validation loss "
+          f"{chosen['best_val_loss']:.4f}); evaluating it on the test set.")
+    return by_rate[chosen["lr"]]
 
 
 def study_row(result: TrainResult) -> dict[str, Any]:
@@ -1541,7 +918,8 @@ def rate_row(lr: float, results: list[TrainResult]) -> dict[str, Any]:
     row["epochs_completed"] = max((r["epochs_completed"] for r in ok), default=0)
     row["training_seconds"] = round(sum(r["training_seconds"] for r in ok), 2)
     row["diverged"] = any(r["diverged"] for r in ok)
-    row["stalled_at_chance"] = stalled_at_chance(row)
+    acc = row["best_val_accuracy"]
+    row["stalled_at_chance"] = not row["diverged"] and acc is not None and acc < STALLED_BELOW_ACCURACY
     row["failed_runs"] = len(runs) - len(ok)
     row["runs"] = runs
     return row
@@ -1559,9 +937,8 @@ def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None
         std = r.get(f"{key}_std")
         return fmt(r[key], spec) + ("" if std is None else f" ± {std:{spec}}")
 
-    header = (f"{'lr':>10} {'best val loss':>17} {'at epoch':>10} {'best val acc':>17} "
-              f"{'final val loss':>17} {'final val acc':>17} {'seconds':>8}  status")
-    lines = [header]
+    lines = [(f"{'lr':>10} {'best val loss':>17} {'at epoch':>10} {'best val acc':>17} "
+              f"{'final val loss':>17} {'final val acc':>17} {'seconds':>8}  status")]
     for r in rows:
         status = "diverged" if r["diverged"] else ("recommended" if r is chosen else "")
         if r["stalled_at_chance"]:
@@ -1574,32 +951,10 @@ def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None
     return "\n".join(lines)
 
 
-def mean_curve(results: list[TrainResult], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-epoch mean and sample std of history[key] over runs of unequal length (std 0 for one run)."""
-    curves = [r.history.get(key, []) for r in results]
-    width = max((len(c) for c in curves), default=0)
-    grid = np.full((len(curves), width), np.nan)
-    for i, c in enumerate(curves):
-        grid[i, :len(c)] = np.where(np.isfinite(c), c, np.nan)
-    counts = np.sum(~np.isnan(grid), axis=0)
-    with np.errstate(invalid="ignore"), warnings_silenced():
-        mean = np.nanmean(grid, axis=0)
-        std = np.where(counts > 1, np.nanstd(grid, axis=0, ddof=1), 0.0)
-    return mean, std
-
-
-@contextlib.contextmanager
-def warnings_silenced() -> Iterator[None]:
-    """NumPy warns on all-NaN columns (epochs after every seed diverged); those simply stay NaN."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-
-
 def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
     """Training (dashed) and validation (solid) loss per epoch for every rate; error bars are the std over seeds."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (lr, results) in enumerate(by_rate.items()):
@@ -1612,9 +967,8 @@ def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
         val_mean, val_std = mean_curve(ok, "val_loss")
         train_mean, _ = mean_curve(ok, "loss")
         epochs = np.arange(1, len(val_mean) + 1)
-        yerr = val_std if len(ok) > 1 else None
-        ax.errorbar(epochs, val_mean, yerr=yerr, fmt="-o", color=color, markersize=3, capsize=3,
-                    label=f"{label} validation")
+        ax.errorbar(epochs, val_mean, yerr=val_std if len(ok) > 1 else None, fmt="-o", color=color, markersize=3,
+                    capsize=3, label=f"{label} validation")
         ax.plot(epochs, train_mean, "--", color=color, label=f"{label} training")
         if diverged:
             ax.plot([len(epochs)], [ax.get_ylim()[1]], "x", color=color, markersize=10)
@@ -1622,34 +976,74 @@ def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
     note = f"; mean ± std over {seeds} seeds" if seeds > 1 else ""
     ax.set(xlabel="epoch", ylabel="loss (cross-entropy)", yscale="log",
            title=f"Effect of the learning rate (solid: validation, dashed: training{note})")
-    ax.xaxis.set_major_locator(integer_ticks())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     save_figure(fig, path)
 
 
-def compare_rates(cfg: Config, by_rate: dict[float, list[TrainResult]]) -> float | None:
-    """Print the study's table, write lr_study.png/.json; the recommended rate, or None if none is usable."""
-    rows = [rate_row(lr, results) for lr, results in by_rate.items()]
-    chosen = recommend(rows)
-    print("\n" + format_study_table(rows, chosen))
-    plot_study(by_rate, cfg.plots_dir / "lr_study.png")
-    mean = "mean " if len(cfg.seeds) > 1 else ""
-    write_json(cfg.plots_dir / "lr_study.json", {
-        "rates": rows, "recommended_lr": chosen["lr"] if chosen else None,
-        "selected_by": f"lowest {mean}best validation loss", "seeds": list(cfg.seeds), "config": config_dict(cfg)})
-    if chosen is None:
-        print("error: every learning rate diverged or failed; try smaller values.", file=sys.stderr)
-        return None
-    print(f"\nRecommended learning rate: {chosen['lr']:g} (lowest {mean}best validation loss "
-          f"{chosen['best_val_loss']:.4f}); evaluating it on the test set.")
-    return chosen["lr"]
+def mean_curve(results: list[TrainResult], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-epoch mean and sample std of history[key] over runs of unequal length (std 0 for one run)."""
+    import warnings
+
+    curves = [r.history.get(key, []) for r in results]
+    grid = np.full((len(curves), max((len(c) for c in curves), default=0)), np.nan)
+    for i, c in enumerate(curves):
+        grid[i, :len(c)] = np.where(np.isfinite(c), c, np.nan)
+    counts = np.sum(~np.isnan(grid), axis=0)
+    with warnings.catch_warnings():  # all-NaN columns (epochs after every seed diverged) simply stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(grid, axis=0), np.where(counts > 1, np.nanstd(grid, axis=0, ddof=1), 0.0)
 
 
-# ----------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1); a single value is its own mean, with no spread."""
+    if not values:
+        return None, None
+    if len(values) == 1:
+        return values[0], None
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+def seed_row(result: TrainResult, ev: Evaluation | None) -> dict[str, Any]:
+    """One seed's figures: the kept epoch, its validation accuracy and its test results."""
+    return {"seed": result.seed, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_value,
+            "test_loss": ev.loss if ev else None, "test_accuracy": ev.accuracy if ev else None,
+            "training_seconds": round(result.seconds, 2), "diverged": result.diverged, "failed": result.failed}
+
+
+def seed_summary(rows: list[dict[str, Any]], accuracies: list[float], losses: list[float]) -> dict[str, Any]:
+    """metrics.json's fields for several seeds: each seed's row and the mean ± std of its test figures."""
+    acc_mean, acc_std = mean_std(accuracies)
+    loss_mean, loss_std = mean_std(losses)
+    saved = max((r for r in rows if r["best_val_accuracy"] is not None), key=lambda r: r["best_val_accuracy"])
+    return {"seeds": rows, "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
+            "test_loss_mean": loss_mean, "test_loss_std": loss_std,
+            "std_is": "sample standard deviation (ddof=1) over seeds",
+            "saved_seed": saved["seed"], "saved_seed_selected_by": BEST_MONITOR}
+
+
+def format_seed_table(rows: list[dict[str, Any]]) -> str:
+    """Per-seed test results as printed."""
+    lines = [f"{'seed':>10} {'kept epoch':>10} {'val acc':>8} {'test loss':>9} {'test acc':>8} {'seconds':>8}  status"]
+    for r in rows:
+        status = "failed: " + r["failed"] if r["failed"] else ("diverged" if r["diverged"] else "")
+        lines.append(f"{r['seed']:>10} {fmt(r['best_epoch'], 'd'):>10} {fmt(r['best_val_accuracy'], '.2%'):>8} "
+                     f"{fmt(r['test_loss'], '.4f'):>9} {fmt(r['test_accuracy'], '.2%'):>8} "
+                     f"{r['training_seconds']:>8.1f}  {status}")
+    return "\n".join(lines)
+
+
+def fmt(value: Any, spec: str) -> str:
+    """A table cell: the value formatted, or '-' when there is none."""
+    return "-" if value is None else format(value, spec)
+
+
+# =============================================================================
 # Prediction on your own images
-# ----------------------------------------------------------------------------
+# =============================================================================
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 def image_files(paths: Sequence[Path]) -> list[Path]:
     """The given files, with folders expanded to the images directly inside them."""
     files: list[Path] = []
@@ -1754,7 +1148,7 @@ def load_trained_model(path: Path) -> Any:
         raise UserError(f"{path} is not a readable Keras model file ({first_line(e)}); {retrain}") from None
 
 
-def run_predict(cfg: Config) -> int:
+def predict(cfg: Config) -> int:
     """Classify each image; print top-3 classes (or JSON); exit 1 if any file failed."""
     model = load_trained_model(cfg.model_path)
     decoded, failed = [], 0
@@ -1792,40 +1186,495 @@ def prediction(path: Path, probs: np.ndarray, inverted: bool) -> dict[str, Any]:
             "top3": [{"class": CLASS_NAMES[k], "probability": float(probs[k])} for k in top], "inverted": inverted}
 
 
-# ----------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------
+# =============================================================================
+# Plumbing: a reader can skip from here on. Quiet TensorFlow import, signals, the resume journal,
+# atomic outputs, precision and devices, Ray
+# =============================================================================
+
+# TensorFlow, imported quietly
+
+# C++ log lines that TensorFlow writes while it loads, before it applies TF_CPP_MIN_LOG_LEVEL: absl's banner and
+# lines like "I0000 00:00:1795926651.110019 2377 port.cc:153] oneDNN custom operations are on. ..." (CPUs with
+# AVX512-VNNI, AVX512-BF16, AMX or AVX-VNNI, where oneDNN is on by default).
+ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+NATIVE_LOG_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] "                          # absl
+                             r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: ([IWEF]) \S+:\d+\] ")  # older TF
+LOG_LEVELS = "IWEF"  # TF_CPP_MIN_LOG_LEVEL n hides the first n of these; FATAL is always shown
+
+
+def is_startup_noise(line: str, min_level: int) -> bool:
+    """True for a TensorFlow start-up log line that TF_CPP_MIN_LOG_LEVEL=min_level should have hidden."""
+    if line.rstrip("\n") == ABSL_BANNER:
+        return min_level >= 1
+    match = NATIVE_LOG_LINE.match(line)
+    return bool(match) and LOG_LEVELS.index(match.group(1) or match.group(2)) < min(min_level, 3)
+
+
+@contextlib.contextmanager
+def native_stderr_filtered(min_level: int) -> Iterator[None]:
+    """Capture file descriptor 2 (where C++ writes) for the block, then pass on every line but start-up noise."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            sys.stderr.write("".join(line for line in text.splitlines(keepends=True)
+                                     if not is_startup_noise(line, min_level)))
+            sys.stderr.flush()
+
+
+def import_keras() -> Any:
+    """Keras (on TensorFlow), imported once with TensorFlow's start-up log lines kept off stderr.
+
+    Every use of TensorFlow or Keras in this script goes through here (or import_tensorflow), so that no
+    path (training, the study, --predict, Ray tasks) prints them.
+    """
+    if "keras" not in sys.modules:
+        try:
+            level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+        except ValueError:
+            level = 0
+        with native_stderr_filtered(level):
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401 - Keras's backend
+    return sys.modules["keras"]
+
+
+def import_tensorflow() -> Any:
+    """TensorFlow, imported quietly (see import_keras)."""
+    import_keras()
+    return sys.modules["tensorflow"]
+
+
+# Signals
+
+class TrainingInterrupted(Exception):
+    """Raised inside fit() after the batch during which SIGINT or SIGTERM arrived."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM instead of dying; a second signal kills as usual."""
+    received: list[int] = []
+
+    def note(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name} received: stopping after this batch "
+              "(send it again to quit at once)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# The resume journal
+
+def resume_root(cfg: Config) -> Path:
+    """Where unfinished runs keep what --resume needs (beside the model)."""
+    return cfg.model_path.with_name(f".{cfg.model_path.stem}.resume")
+
+
+def run_folder(cfg: Config, lr: float, seed: int) -> Path:
+    """One run's resume folder: the root itself for a single run, a subfolder per run otherwise."""
+    root = resume_root(cfg)
+    return root if len(cfg.runs) == 1 else root / f"lr{lr:g}-seed{seed}"
+
+
+def prepare_resume_root(cfg: Config) -> None:
+    """Without --resume, discard any unfinished run; with it, make sure there is one."""
+    root = resume_root(cfg)
+    if cfg.resume and not root.is_dir():
+        raise UserError(f"nothing to resume at {root}: no unfinished run with this --model-path; "
+                        "run without --resume")
+    if not cfg.resume and root.exists():
+        print(f"Note: starting afresh; discarding the unfinished run saved in {root}")
+        shutil.rmtree(root)
+
+
+@dataclasses.dataclass
+class RunState:
+    """Progress of a run as saved after every epoch: enough to resume it."""
+
+    identity: dict[str, Any]
+    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    best_epoch: int | None = None        # 1-based
+    best_value: float | None = None      # BEST_MONITOR at best_epoch
+    best_weights: list[np.ndarray] | None = None
+    seconds: float = 0.0                 # training time of the finished epochs, across resumes
+    finished: bool = False               # all epochs done (kept until the other runs of a study finish)
+
+    def save(self, folder: Path) -> None:
+        """Write the best weights, then the JSON that points at them, each atomically."""
+        if self.best_weights is not None:
+            with atomic_path(folder / "best_weights.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, *self.best_weights)
+        meta = {"identity": self.identity, "history": self.history, "seconds": self.seconds,
+                "best_epoch": self.best_epoch, "best_value": self.best_value, "finished": self.finished}
+        write_json(folder / "state.json", meta)
+
+    @classmethod
+    def load(cls, folder: Path) -> RunState:
+        """Read a saved state, or say there is nothing to resume."""
+        try:
+            meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            weights = None
+            if meta["best_epoch"] is not None:
+                with np.load(folder / "best_weights.npz") as npz:
+                    weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+        except FileNotFoundError:
+            raise UserError(f"nothing to resume at {folder}: no unfinished run with this --model-path; "
+                            "run without --resume") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"the resume state in {folder} is damaged ({first_line(e)}); "
+                            "run without --resume to start afresh") from None
+        history = {k: [math.nan if v is None else v for v in vs] for k, vs in meta["history"].items()}
+        return cls(meta["identity"], history, meta["best_epoch"], meta["best_value"], weights, meta["seconds"],
+                   meta.get("finished", False))
+
+
+def resume_state(cfg: Config, identity: dict[str, Any], folder: Path) -> RunState:
+    """A fresh state, or (with --resume) the one saved in folder after checking that nothing that matters changed.
+
+    In a study resumed with --resume, a run that had not started yet starts afresh.
+    """
+    if not cfg.resume or (len(cfg.runs) > 1 and not (folder / "state.json").exists()):
+        return RunState(identity)
+    state = RunState.load(folder)
+    changed = [f"{k} was {state.identity.get(k)!r}, now {v!r}" for k, v in identity.items()
+               if state.identity.get(k) != v]
+    if changed:
+        raise UserError(f"cannot resume with different settings ({'; '.join(changed)}); "
+                        "use the original flags, or run without --resume to start afresh")
+    done = len(state.history.get("loss", []))
+    print("Already finished; using the saved result" if state.finished
+          else f"Resuming after epoch {done} of {cfg.epochs} from {folder}")
+    return state
+
+
+# Atomic outputs
+
+_staged: list[tuple[Path, Path]] | None = None  # (temporary, final) files while an output_set() is open
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success, fsync it and rename it into place.
+
+    Inside output_set() the rename waits for the end of the set. A failed write names the file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.chmod(0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    kept = False
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if _staged is None:
+            os.replace(tmp, path)
+        else:
+            _staged.append((tmp, path))
+            kept = True
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or first_line(e)})") from None
+    finally:
+        if not kept:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_set(retry_hint: str = "") -> Iterator[None]:
+    """The files written inside this block appear together when it ends; if it fails, none of them do.
+
+    So a run that fails part-way through writing (a full disk, say) leaves the earlier run's set as it was,
+    instead of new plots beside an old metrics.json. retry_hint ends the error message.
+    """
+    global _staged
+    _staged = staged = []
+    try:
+        yield
+    except BaseException as e:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, UserError):
+            raise UserError(f"{e}; none of this run's outputs were written and the earlier ones are as they "
+                            f"were{retry_hint}", e.exit_code) from None
+        raise
+    else:
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        _staged = None
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so set it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def check_writable(*folders: Path) -> None:
+    """Fail before training, not after it, if an output folder cannot be written."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another folder "
+                            "with --plots-dir / --model-path") from None
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN and infinities (not valid JSON) with None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Pretty JSON, atomically."""
+    write_text(path, json.dumps(json_safe(payload), indent=2) + "\n")
+
+
+# Precision and devices
+
+KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # oneDNN runs bfloat16 convolutions fast only with these
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """CUDA compute capability of each visible GPU ((0, 0) where TensorFlow does not say)."""
+    tf = import_tensorflow()
+
+    caps = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        caps.append(tuple(cc) if cc else (0, 0))
+    return caps
+
+
+def choose_precision(requested: str, gpus: list[tuple[int, int]], flags: set[str]) -> tuple[str, str]:
+    """The precision to train in, and why; `auto` picks what this hardware runs fastest.
+
+    Mixed precision keeps float32 weights and a float32 output layer either way.
+    """
+    if requested != "auto":
+        return requested, "asked for with --precision"
+    if gpus:
+        if min(gpus) >= (8, 0):
+            return "bfloat16", "auto: every GPU has bfloat16 tensor cores"
+        if min(gpus) >= (7, 0):
+            return "float16", "auto: every GPU has float16 tensor cores"
+        return "float32", "auto: these GPUs have no fast half precision"
+    found = sorted(flags.intersection(CPU_BF16_FLAGS))
+    if found:
+        return "bfloat16", f"auto: this CPU has {' and '.join(found)}"
+    return "float32", "auto: this CPU has no AMX or AVX512-BF16, on which bfloat16 would be slower"
+
+
+def set_precision(requested: str) -> tuple[str, str]:
+    """Resolve --precision on this machine and make it Keras's global dtype policy."""
+    keras = import_keras()
+
+    precision, why = choose_precision(requested, gpu_capabilities(), cpu_flags())
+    keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
+    return precision, why
+
+
+def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
+    """Where to build the model: a MirroredStrategy's scope with --distribute mirrored, else nowhere special."""
+    if distribute != "mirrored":
+        return contextlib.nullcontext()
+    tf = import_tensorflow()
+
+    # Every GPU; without one, every logical CPU device (one, unless the caller split the CPU for testing).
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    devices = ", ".join(strategy.extended.worker_devices)
+    print(f"MirroredStrategy: {strategy.num_replicas_in_sync} replica(s) on {devices}; "
+          "--batch-size is split across them", flush=True)
+    return strategy.scope()
+
+
+# Ray
+
+RAY_RETRIES = 2  # Ray runs a task again this often if it raises or its worker or node is lost
+
+
+def connect_ray(address: str) -> tuple[Any, bool]:
+    """Ray, connected to a new local instance ("local", on 127.0.0.1 only) or to the cluster at address.
+
+    Also says whether this call connected (and so should disconnect): a caller that
+    ran ray.init() itself, in a notebook or a test, keeps its own connection.
+    """
+    if address == "local":
+        # A one-machine instance: Ray then listens on 127.0.0.1 only, not on every network interface.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray; install it with: pip install ray") from None
+    if __name__ != "__main__":
+        # Ship this module's code with each task, so cluster nodes need the libraries but not this file.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if ray.is_initialized():
+        return ray, False
+    import logging
+
+    # Ray 2.52+ announces on stderr that it turned its token authentication on; that is the safe default, not news.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled for this Ray cluster"))
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"]}})
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        raise UserError(f"cannot reach a Ray cluster at {address} ({first_line(e)})") from None
+    return ray, True
+
+
+def ray_address_parts(address: str) -> tuple[str, int] | None:
+    """(host, port) of a HOST:PORT address, or None if it is not one."""
+    host, _, port = address.rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else None
+
+
+def check_ray_reachable(address: str) -> None:
+    """Fail at once if nothing answers at a HOST:PORT cluster address (ray.init would retry for minutes)."""
+    parts = ray_address_parts(address)
+    if parts is None:
+        return
+    try:
+        with socket.create_connection(parts, timeout=10):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); "
+                        "start one with 'ray start --head', or check the address") from None
+
+
+def use_task_cpus() -> None:
+    """Let TensorFlow use only the CPUs Ray gave this task, so parallel tasks don't fight over cores."""
+    import ray
+    tf = import_tensorflow()
+
+    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    with contextlib.suppress(RuntimeError):  # a reused worker process has set them already
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+
+
+def ray_task(cfg: Config, lr: float, seed: int) -> dict[str, Any]:
+    """One run as a Ray task on whichever node Ray picks; the node reads the data itself."""
+    use_task_cpus()
+    data = split_data(load_arrays(cfg), cfg, seed)
+    with tempfile.TemporaryDirectory(prefix="fashion_cnn_run_") as folder:
+        r = train(dataclasses.replace(cfg, resume=False), data, lr, seed, Path(folder),
+                  handle_signals=False)
+    return {"history": r.history, "best_epoch": r.best_epoch, "best_value": r.best_value, "seconds": r.seconds,
+            "diverged": r.diverged, "precision": r.precision, "node": platform.node(),
+            "steps_per_epoch": math.ceil(len(data.y_train) / cfg.batch_size),
+            "weights": r.model.get_weights() if r.best_epoch is not None else None}
+
+
+def result_from_task(cfg: Config, lr: float, seed: int, out: dict[str, Any]) -> TrainResult:
+    """Rebuild a run's model here from the weights its Ray task sent back."""
+    model = None
+    if out["weights"] is not None:
+        model = build_model(cfg, lr, out["steps_per_epoch"])
+        model.set_weights(out["weights"])
+    return TrainResult(model, lr, out["history"], out["best_epoch"], out["seconds"], out["diverged"],
+                       seed=seed, precision=out["precision"], best_value=out["best_value"])
+
+
+def train_on_ray(cfg: Config, task: Any = ray_task) -> list[TrainResult]:
+    """Run every (rate, seed) as a Ray task; a task that still fails after its retries is reported as failed."""
+    ray, connected = connect_ray(cfg.ray or "local")
+    try:
+        shipped = dataclasses.replace(cfg, data_dir=cfg.data_dir.resolve() if cfg.data_dir else None)
+        resources = ray.cluster_resources()
+        gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=RAY_RETRIES, retry_exceptions=True)(task)
+        pending = {remote.remote(shipped, lr, seed): (lr, seed) for lr, seed in cfg.runs}
+        print(f"Ray: {len(pending)} runs on {len(ray.nodes())} node(s) with {resources.get('CPU', 0):g} CPUs and "
+              f"{resources.get('GPU', 0):g} GPUs; one CPU{' and one GPU' if gpus else ''} per run", flush=True)
+        done: dict[tuple[float, int], TrainResult] = {}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            lr, seed = pending.pop(ref)
+            try:
+                done[lr, seed] = result_from_task(cfg, lr, seed, ray.get(ref))
+                status = "diverged" if done[lr, seed].diverged else f"best {BEST_MONITOR} {done[lr, seed].best_value}"
+            except ray.exceptions.RayError as e:
+                reason = first_line(getattr(e, "cause", None) or e)
+                done[lr, seed] = TrainResult(None, lr, {}, None, 0.0, seed=seed, failed=reason)
+                status = f"FAILED after {RAY_RETRIES} retries: {reason}"
+            print(f"Ray: run lr={lr:g}, seed {seed} finished ({len(done)} of {len(cfg.runs)}): {status}", flush=True)
+    finally:
+        if connected:
+            ray.shutdown()
+    return [done[run] for run in cfg.runs]
+
 
 def first_line(e: BaseException) -> str:
     """An exception's message, cut to its first line."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run what the flags ask for; map known problems to one line and an exit code."""
-    try:
-        cfg = parse_args(argv)
-        if cfg.predict:
-            return run_predict(cfg)
-        check_writable(cfg.plots_dir, cfg.model_path.parent)
-        if cfg.ray:
-            check_ray_reachable(cfg.ray)
-        arrays = load_arrays(cfg)
-        data = split_data(arrays, cfg, cfg.seed)
-        print(f"Data: {len(data.y_train)} training, {len(data.y_val)} validation, {len(data.y_test)} test images")
-        if len(cfg.runs) == 1 and not cfg.ray:
-            return run_single(cfg, data)
-        return run_many(cfg, arrays)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\nInterrupted; earlier outputs are untouched.", file=sys.stderr)
-        return EXIT_SIGINT
-    except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def time_epochs(model: object, x: np.ndarray, y: np.ndarray, batch: int, epochs:
     clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: marks.append(time.perf_counter()),
                                            on_epoch_end=lambda e, logs: marks.append(time.perf_counter()))
     if program:
-        batches, streams = cnn.epoch_streams(x, y, batch, 0, model)
+        batches, start_epoch = cnn.epoch_streams(x, y, batch, 0, model)
+        streams = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: start_epoch(e))
         model.fit(batches, epochs=epochs, verbose=0, shuffle=False, callbacks=[streams, clock])
     else:
         model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=True, callbacks=[clock])
@@ -87,7 +88,7 @@ def training_flops_per_image(cfg: cnn.Config) -> float:
     """Multiply-adds of the conv and dense layers, x2 for FLOPs, x3 for forward + backward."""
     side1, side2 = cnn.conv_sides(cfg.kernel_size, cfg.padding)
     k2 = cfg.kernel_size ** 2
-    flat = cnn.feature_side(cfg.kernel_size, cfg.padding) ** 2 * cfg.filters
+    flat = (side2 // 2) ** 2 * cfg.filters
     macs = (side1**2 * cfg.filters * k2 + side2**2 * cfg.filters * cfg.filters * k2
             + flat * cfg.dense_units + cfg.dense_units * 10)
     return 2 * 3 * macs

@@ -3,12 +3,17 @@
 The data is made here, never downloaded: 60,000 + 10,000 28x28 uint8 images
 whose class is drawn as a bright square in one of the cells of a 4x4 grid, so a
 tiny network learns it in an epoch or two. Full-size files keep the program's shape
-checks honest; a tiny network (--filters 4) keeps the runs fast.
+checks honest (writing them takes about a second); a tiny network (--filters 4) and
+--limit keep the runs fast. Tests that train are marked slow; `-m "not slow"` runs
+the rest in well under a minute.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -28,6 +33,8 @@ FILES = {
 }
 # A small, fast network and run for CLI tests.
 TINY = ["--filters", "4", "--dense-units", "8", "--limit", "640", "--batch-size", "32", "--epochs", "1", "--lr", "0.01"]
+# The shared trained model: enough images that it learns the synthetic classes (validation accuracy 1.0).
+TRAINED = [*TINY, "--limit", "3200", "--epochs", "2"]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -48,9 +55,14 @@ def synthetic_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng.shuffle(labels)
     images = rng.integers(0, 40, size=(count, 28, 28), dtype=np.uint8)
     for label in range(10):
-        top, left = 7 * (label // 4) + 1, 7 * (label % 4) + 1
+        top, left = square_corner(label)
         images[labels == label, top:top + 5, left:left + 5] = 220
     return images, labels
+
+
+def square_corner(label: int) -> tuple[int, int]:
+    """Top-left pixel of the bright square that marks class `label`."""
+    return 7 * (label // 4) + 1, 7 * (label % 4) + 1
 
 
 def write_dataset(folder: Path) -> dict[str, np.ndarray]:
@@ -89,9 +101,49 @@ def run_cli(*args: str | os.PathLike, cwd: Path | None = None, env: dict[str, st
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, object]:
-    """One tiny CLI training run shared by the tests that only read its outputs."""
+    """One tiny CLI training run shared by the tests that only read its outputs or use its model."""
     out = tmp_path_factory.mktemp("run")
     proc = run_cli("--data-dir", data_dir, "--plots-dir", out / "plots", "--model-path", out / "model.keras",
-                   *TINY, "--epochs", "2")
+                   *TRAINED)
     assert proc.returncode == 0, proc.stderr
     return {"dir": out, "plots": out / "plots", "model": out / "model.keras", "proc": proc}
+
+
+@dataclasses.dataclass
+class Ran:
+    """What an in-process call of main() returned and printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def call_main(*args: str | os.PathLike) -> Ran:
+    """Call ConvolutionalNN.main in this process (TensorFlow is imported once) and capture what it prints."""
+    import ConvolutionalNN
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = ConvolutionalNN.main([str(a) for a in args])
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def class_image(label: int, seed: int = 0) -> np.ndarray:
+    """A new 28x28 image of the synthetic class `label`, drawn like the training data."""
+    image = np.random.default_rng(seed).integers(0, 40, size=(28, 28), dtype=np.uint8)
+    top, left = square_corner(label)
+    image[top:top + 5, left:left + 5] = 220
+    return image
+
+
+# Two groups of about equal time on 2 cores; the modules using the shared trained model stay together.
+XDIST_GROUPS = {"test_interrupt": "signals and Ray cluster", "test_ray_cluster": "signals and Ray cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist's loadgroup (pyproject.toml), run each group on one worker, so that module and session
+    fixtures (the trained model, the interrupted run) are made once."""
+    for item in items:
+        module = item.module.__name__ if item.module else ""
+        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, "the rest")))

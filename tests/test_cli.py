@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ConvolutionalNN as cnn
-from conftest import FILES, REPO, TINY, run_cli
+from conftest import FILES, TINY, TRAINED, call_main, run_cli
 
 OUTPUTS = ["accuracy.png", "loss.png", "confusion_matrix.png", "predictions.png", "architecture.png",
            "history.csv", "metrics.json"]
@@ -80,7 +79,8 @@ def test_network_layer_stack() -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_one_epoch_run_writes_every_output(trained: dict) -> None:
+@pytest.mark.slow
+def test_a_run_writes_every_output(trained: dict) -> None:
     plots: Path = trained["plots"]
     for name in OUTPUTS:
         assert (plots / name).stat().st_size > 0, name
@@ -102,12 +102,14 @@ def test_one_epoch_run_writes_every_output(trained: dict) -> None:
     assert "Test accuracy:" in out and "Ankle boot" in out and "T-shirt/top" in out
 
 
+@pytest.mark.slow
 def test_output_to_a_log_file_has_one_line_per_epoch_not_progress_bars(trained: dict) -> None:
     out = trained["proc"].stdout
     assert "\u2501" not in out and "\r" not in out, "progress bars belong on a terminal, not in a log"
     assert len([line for line in out.splitlines() if "val_loss" in line]) == 2
 
 
+@pytest.mark.slow
 def test_saved_model_reloads_to_the_same_accuracy(trained: dict, test_arrays) -> None:
     import keras
 
@@ -119,15 +121,17 @@ def test_saved_model_reloads_to_the_same_accuracy(trained: dict, test_arrays) ->
     assert metrics["test_accuracy"] > 0.5, "the tiny network should learn the synthetic bars"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_validation_curve(tmp_path: Path, data_dir: Path, trained: dict) -> None:
-    proc = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path, "--model-path", tmp_path / "again.keras",
-                   *TINY, "--epochs", "2")  # the flags of the `trained` run, seed 0 by default
-    assert proc.returncode == 0, proc.stderr
+    ran = call_main("--data-dir", data_dir, "--plots-dir", tmp_path, "--model-path", tmp_path / "again.keras",
+                   *TRAINED)  # the flags of the `trained` run, seed 0 by default
+    assert ran.returncode == 0, ran.stderr
     again, first = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path, trained["plots"]))
     assert again["history"] == first["history"]
     assert again["test_accuracy"] == first["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_keras_datasets_path_uses_a_prefilled_cache_and_keeps_stderr_empty(tmp_path: Path, data_dir: Path) -> None:
     cache = tmp_path / "keras_home" / "datasets" / "fashion-mnist"
     cache.mkdir(parents=True)
@@ -146,12 +150,11 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_failed_run_leaves_earlier_outputs_untouched(tmp_path: Path, trained: dict, data_dir: Path) -> None:
-    plots = tmp_path / "plots"
-    shutil.copytree(trained["plots"], plots)
-    model = tmp_path / "models" / "m.keras"
-    model.parent.mkdir()
-    shutil.copy(trained["model"], model)
+def test_failed_run_leaves_earlier_outputs_untouched(tmp_path: Path, data_dir: Path) -> None:
+    plots, model = tmp_path / "plots", tmp_path / "models" / "m.keras"
+    for path, content in ((plots / "metrics.json", "{}"), (plots / "history.csv", "epoch\n"), (model, "PK")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(content)  # an earlier run's outputs
     before = digest(plots), digest(model.parent)
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
@@ -167,35 +170,33 @@ def test_failed_run_leaves_earlier_outputs_untouched(tmp_path: Path, trained: di
     assert (digest(plots), digest(model.parent)) == before
 
 
-FULL_DISK = """
-import errno, os, sys
-real_fsync = os.fsync
-def fsync(fd):  # the disk fills up while metrics.json, the last output, is written
-    if "metrics.json" in os.readlink(f"/proc/self/fd/{fd}"):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    real_fsync(fd)
-os.fsync = fsync
-import ConvolutionalNN
-sys.exit(ConvolutionalNN.main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="simulates the full disk through /proc/self/fd")
-def test_a_full_disk_leaves_the_earlier_outputs_as_they_were(tmp_path: Path, trained: dict, data_dir: Path) -> None:
+@pytest.mark.slow
+def test_a_full_disk_leaves_the_earlier_outputs_as_they_were(tmp_path: Path, trained: dict, data_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     plots, model = tmp_path / "plots", tmp_path / "m.keras"
     shutil.copytree(trained["plots"], plots)
     shutil.copy(trained["model"], model)
     before = digest(plots), model.read_bytes()
-    flags = ["--data-dir", str(data_dir), "--plots-dir", str(plots), "--model-path", str(model), *TINY, "--seed", "5"]
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK, *flags], env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith(f"error: cannot write {plots / 'metrics.json'} (No space left on device); "
-                                  "none of this run's outputs were written")
-    assert len(proc.stderr.strip().splitlines()) == 1
+    real_fsync = os.fsync
+
+    def fsync_on_a_full_disk(fd: int) -> None:  # the disk fills up while metrics.json, the last output, is written
+        if "metrics.json" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("simulates the full disk through /proc/self/fd")
+    monkeypatch.setattr(os, "fsync", fsync_on_a_full_disk)
+    flags = ["--data-dir", data_dir, "--plots-dir", plots, "--model-path", model, *TINY, "--seed", "5"]
+    ran = call_main(*flags)
+    assert ran.returncode == 1
+    assert ran.stderr.startswith(f"error: cannot write {plots / 'metrics.json'} (No space left on device); "
+                                 "none of this run's outputs were written")
+    assert len(ran.stderr.strip().splitlines()) == 1
     assert (digest(plots), model.read_bytes()) == before, "no new file may stand beside the old ones"
     # With space again, --resume writes the finished run's outputs without training it again.
-    resumed = run_cli(*flags, "--resume")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    resumed = call_main(*flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "Already finished" in resumed.stdout and "Epoch 1/1" not in resumed.stdout
     assert json.loads((plots / "metrics.json").read_text())["seed"] == 5

@@ -13,6 +13,10 @@ import ConvolutionalNN as cnn
 from conftest import FILES, REAL_DATA, idx_bytes, run_cli, write_idx_gz
 
 
+def load_data(cfg: cnn.Config) -> cnn.Dataset:
+    return cnn.split_data(cnn.load_arrays(cfg), cfg, cfg.seed)
+
+
 def test_read_idx_returns_the_array_written(tmp_path: Path) -> None:
     array = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
     write_idx_gz(tmp_path / "x.gz", array)
@@ -55,17 +59,17 @@ def test_check_arrays_refuses_wrong_data(field: int, bad: np.ndarray, message: s
 
 def test_split_is_stratified_seeded_and_keeps_uint8(data_dir: Path) -> None:
     cfg = cnn.Config(data_dir=data_dir, val_split=0.2, seeds=(3,))
-    a, b = cnn.load_data(cfg), cnn.load_data(cfg)
+    a, b = load_data(cfg), load_data(cfg)
     assert (len(a.y_train), len(a.y_val), len(a.y_test)) == (48000, 12000, 10000)
     assert a.x_train.dtype == np.uint8 and a.x_train.shape[1:] == (28, 28, 1)
     assert np.bincount(a.y_val).tolist() == [1200] * 10
     np.testing.assert_array_equal(a.y_val, b.y_val)
-    other = cnn.load_data(cnn.Config(data_dir=data_dir, seeds=(4,)))
+    other = load_data(cnn.Config(data_dir=data_dir, seeds=(4,)))
     assert not np.array_equal(a.y_val, other.y_val)
 
 
 def test_limit_takes_the_first_training_images(data_dir: Path) -> None:
-    data = cnn.load_data(cnn.Config(data_dir=data_dir, limit=500, val_split=0.2))
+    data = load_data(cnn.Config(data_dir=data_dir, limit=500, val_split=0.2))
     assert len(data.y_train) + len(data.y_val) == 500
     assert len(data.y_test) == 10000
 

@@ -23,7 +23,8 @@ import pytest
 
 from conftest import TINY, run_cli
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds its Ray processes in /proc")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds its Ray processes in /proc")]
 
 
 def free_port() -> int:

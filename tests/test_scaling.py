@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ConvolutionalNN as cnn
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, call_main
 
 STUDY = [*TINY, "--lr", "0.01", "0.003", "--seeds", "0", "1"]
 RUN_KEYS = ("best_val_loss", "best_val_accuracy", "final_val_loss", "epochs_completed")
@@ -22,15 +22,16 @@ RUN_KEYS = ("best_val_loss", "best_val_accuracy", "final_val_loss", "epochs_comp
 def sequential_study(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
     """A 2 rates x 2 seeds study trained here, one run after another."""
     plots = tmp_path_factory.mktemp("seq") / "plots"
-    proc = run_cli("--data-dir", data_dir, "--plots-dir", plots, "--model-path", plots.parent / "m.keras", *STUDY)
-    assert proc.returncode == 0, proc.stderr
+    ran = call_main("--data-dir", data_dir, "--plots-dir", plots, "--model-path", plots.parent / "m.keras", *STUDY)
+    assert ran.returncode == 0, ran.stderr
     read = (lambda name: json.loads((plots / name).read_text()))
-    return {"proc": proc, "study": read("lr_study.json"), "metrics": read("metrics.json")}
+    return {"stdout": ran.stdout, "study": read("lr_study.json"), "metrics": read("metrics.json")}
 
 
+@pytest.mark.slow
 def test_seeds_give_each_test_accuracy_and_their_mean_and_std(sequential_study: dict) -> None:
-    proc, study, metrics = sequential_study["proc"], sequential_study["study"], sequential_study["metrics"]
-    assert "Run 4 of 4: Learning-rate study: rate 2 of 2: lr=0.003, seed 1 (2 of 2)" in proc.stdout
+    stdout, study, metrics = sequential_study["stdout"], sequential_study["study"], sequential_study["metrics"]
+    assert "Run 4 of 4: Learning-rate study: rate 2 of 2: lr=0.003, seed 1 (2 of 2)" in stdout
     assert study["selected_by"] == "lowest mean best validation loss"
     means = {r["lr"]: np.mean([run["best_val_loss"] for run in r["runs"]]) for r in study["rates"]}
     assert study["recommended_lr"] == min(means, key=means.get)
@@ -44,7 +45,7 @@ def test_seeds_give_each_test_accuracy_and_their_mean_and_std(sequential_study: 
     best_by_val = max(metrics["seeds"], key=lambda s: s["best_val_accuracy"])
     assert metrics["saved_seed"] == best_by_val["seed"] == metrics["seed"]
     assert metrics["test_accuracy"] == best_by_val["test_accuracy"]
-    assert f"Test accuracy over 2 seed(s): {np.mean(accuracies):.2%} ± " in proc.stdout
+    assert f"Test accuracy over 2 seed(s): {np.mean(accuracies):.2%} ± " in stdout
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def local_ray() -> object:
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_study_on_local_ray_gives_the_sequential_table(tmp_path: Path, data_dir: Path, sequential_study: dict,
                                                        local_ray: object, capsys: pytest.CaptureFixture) -> None:
     plots = tmp_path / "plots"
@@ -79,6 +81,7 @@ def test_study_on_local_ray_gives_the_sequential_table(tmp_path: Path, data_dir:
     assert [s["seed"] for s in metrics["seeds"]] == [0, 1] and metrics["test_accuracy_std"] is not None
 
 
+@pytest.mark.slow
 def test_ray_retries_a_failing_run_then_reports_it_and_writes_the_rest(tmp_path: Path, data_dir: Path,
                                                                        local_ray: object) -> None:
     attempts = tmp_path / "attempts"
@@ -97,7 +100,7 @@ def test_ray_retries_a_failing_run_then_reports_it_and_writes_the_rest(tmp_path:
     assert len(list(attempts.iterdir())) == 1 + cnn.RAY_RETRIES
     assert results[0].failed is None and results[0].model is not None
     assert results[1].failed is not None and "node lost its disk" in results[1].failed
-    assert cnn.report_runs(cfg, arrays, results) == cnn.EXIT_FAILURE
+    assert cnn.report(cfg, arrays, results) == cnn.EXIT_FAILURE
     study = json.loads((tmp_path / "plots" / "lr_study.json").read_text())
     assert [r["failed_runs"] for r in study["rates"]] == [0, 1]
     assert study["recommended_lr"] == 0.01 and (tmp_path / "m.keras").exists()
@@ -113,19 +116,20 @@ sys.exit(ConvolutionalNN.main(sys.argv[1:]))
 """
 
 
-def test_mirrored_on_two_logical_cpus_matches_a_single_device_run(tmp_path: Path, data_dir: Path,
-                                                                  trained: dict) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    flags = ["--data-dir", str(data_dir), *TINY, "--epochs", "2", "--distribute", "mirrored",
-             "--plots-dir", str(tmp_path / "plots"), "--model-path", str(tmp_path / "m.keras")]
-    mirrored = subprocess.run([sys.executable, "-c", TWO_CPUS, *flags], env=env, capture_output=True, text=True,
+@pytest.mark.slow
+def test_mirrored_on_two_logical_cpus_matches_a_single_device_run(tmp_path: Path, data_dir: Path) -> None:
+    common = ["--data-dir", str(data_dir), *TINY, "--epochs", "2"]
+    single_plots, mirrored_plots = tmp_path / "single", tmp_path / "mirrored"
+    assert call_main(*common, "--plots-dir", single_plots, "--model-path", tmp_path / "s.keras").returncode == 0
+    mirrored = subprocess.run([sys.executable, "-c", TWO_CPUS, *common, "--distribute", "mirrored",
+                               "--plots-dir", str(mirrored_plots), "--model-path", str(tmp_path / "m.keras")],
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                               timeout=300, check=False)
     assert mirrored.returncode == 0, mirrored.stderr
     assert "MirroredStrategy: 2 replica(s)" in mirrored.stdout
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in trained["plots"].iterdir())
-    result = json.loads((tmp_path / "plots" / "metrics.json").read_text())
-    single = json.loads((trained["plots"] / "metrics.json").read_text())  # the same flags on one device
-    # Each replica draws its own dropout masks, so the runs agree closely rather than exactly.
+    assert sorted(p.name for p in mirrored_plots.iterdir()) == sorted(p.name for p in single_plots.iterdir())
+    result, single = (json.loads((d / "metrics.json").read_text()) for d in (mirrored_plots, single_plots))
+    # Each replica draws its own dropout masks, so the two runs agree closely rather than exactly.
     assert result["history"]["val_loss"] == pytest.approx(single["history"]["val_loss"], rel=0.15)
     assert result["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.1)
 

@@ -1044,108 +1044,9 @@ def fmt(value: Any, spec: str) -> str:
 # =============================================================================
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-def image_files(paths: Sequence[Path]) -> list[Path]:
-    """The given files, with folders expanded to the images directly inside them."""
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                print(f"warning: no images in folder {p}", file=sys.stderr)
-            files += found
-        else:
-            files.append(p)
-    return files
-
-
 PREDICT_MAX_PIXELS = 200_000_000  # larger images are refused (a 200-megapixel phone photo still passes)
 DEEP_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": None, "F": None}  # full scale
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
-
-
-def deep_full_scale(mode: str, values: np.ndarray) -> float:
-    """The value that means white in a 16-bit, 32-bit integer or float image.
-
-    16-bit modes declare it; 32-bit integer and float images do not, so they get the smallest of the usual
-    ranges that holds their brightest pixel: [0, 1] (floats only), 8, 16 or 31 bits.
-    """
-    if DEEP_MODES[mode]:
-        return float(DEEP_MODES[mode])
-    brightest = float(np.nanmax(values)) if values.size else 0.0
-    scales = ((1.0,) if mode == "F" else ()) + (255.0, 65535.0, 2.0**31 - 1)
-    return next((scale for scale in scales if brightest <= scale), brightest)
-
-
-def to_grayscale(img: Any) -> Any:
-    """Any image Pillow opens, as 8-bit grayscale: deep images scaled (not clipped), transparency as white."""
-    from PIL import Image
-
-    if img.mode in DEEP_MODES:
-        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        scaled = np.clip(np.rint(values * (255 / deep_full_scale(img.mode, values))), 0, 255)
-        return Image.fromarray(scaled.astype(np.uint8), "L")
-    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img.convert("RGBA"))  # transparent parts become white background
-    if img.mode == "LAB":  # Pillow cannot convert LAB; its L channel is the lightness
-        return img.getchannel("L")
-    return img.convert("L")
-
-
-def open_image(path: Path) -> Any:
-    """Decode an image file as 8-bit grayscale, upright, or say in one line why it cannot be."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = None  # Pillow's decompression-bomb guard warns on stderr; the check below replaces it
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > PREDICT_MAX_PIXELS:
-                raise UserError(f"{path}: {width}x{height} is {width * height / 1e6:,.0f} megapixels, over the "
-                                f"{PREDICT_MAX_PIXELS / 1e6:,.0f}-megapixel limit for --predict; shrink it first")
-            img.draft("L", (IMAGE_SIDE * 16, IMAGE_SIDE * 16))  # JPEG: decode big photos at a fraction of the size
-            return to_grayscale(ImageOps.exif_transpose(img))  # phone photos store their rotation in EXIF
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: not a readable image ({first_line(e)})") from None
-
-
-def to_network_input(path: Path) -> tuple[np.ndarray, bool]:
-    """Decode an image into a 28x28 uint8 array like Fashion-MNIST; also say if it was inverted.
-
-    Grayscale, light object on a dark background, aspect ratio kept by padding.
-    """
-    from PIL import Image, ImageOps
-
-    gray = open_image(path)
-    pixels = np.asarray(gray, dtype=np.uint8)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    inverted = bool(border.mean() > 127)  # a light background: a photo, not Fashion-MNIST's dark one
-    if inverted:
-        gray = ImageOps.invert(gray)
-    if gray.size != (IMAGE_SIDE, IMAGE_SIDE):
-        gray = ImageOps.pad(gray, (IMAGE_SIDE, IMAGE_SIDE), method=Image.Resampling.LANCZOS, color=0)
-    return np.asarray(gray, dtype=np.uint8), inverted
-
-
-def load_trained_model(path: Path) -> Any:
-    """Load the saved model, or explain how to get one."""
-    import zipfile
-
-    if not path.is_file():
-        raise UserError(f"no trained model at {path}; train one first with: python3 ConvolutionalNN.py "
-                        f"--model-path {path}")
-    retrain = f"train one with: python3 ConvolutionalNN.py --model-path {path}"
-    if not zipfile.is_zipfile(path):  # Keras would report a damaged archive as "File not found"
-        raise UserError(f"{path} is not a readable Keras model file (not a .keras archive); {retrain}")
-    keras = import_keras()
-    try:
-        return keras.models.load_model(path)
-    except Exception as e:  # noqa: BLE001 - Keras raises many types for a corrupt archive
-        raise UserError(f"{path} is not a readable Keras model file ({first_line(e)}); {retrain}") from None
 
 
 def predict(cfg: Config) -> int:
@@ -1184,6 +1085,105 @@ def prediction(path: Path, probs: np.ndarray, inverted: bool) -> dict[str, Any]:
     top = np.argsort(probs)[::-1][:3]
     return {"file": str(path), "class": CLASS_NAMES[top[0]], "probability": float(probs[top[0]]),
             "top3": [{"class": CLASS_NAMES[k], "probability": float(probs[k])} for k in top], "inverted": inverted}
+
+
+def load_trained_model(path: Path) -> Any:
+    """Load the saved model, or explain how to get one."""
+    import zipfile
+
+    if not path.is_file():
+        raise UserError(f"no trained model at {path}; train one first with: python3 ConvolutionalNN.py "
+                        f"--model-path {path}")
+    retrain = f"train one with: python3 ConvolutionalNN.py --model-path {path}"
+    if not zipfile.is_zipfile(path):  # Keras would report a damaged archive as "File not found"
+        raise UserError(f"{path} is not a readable Keras model file (not a .keras archive); {retrain}")
+    keras = import_keras()
+    try:
+        return keras.models.load_model(path)
+    except Exception as e:  # noqa: BLE001 - Keras raises many types for a corrupt archive
+        raise UserError(f"{path} is not a readable Keras model file ({first_line(e)}); {retrain}") from None
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    """The given files, with folders expanded to the images directly inside them."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                print(f"warning: no images in folder {p}", file=sys.stderr)
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
+def to_network_input(path: Path) -> tuple[np.ndarray, bool]:
+    """Decode an image into a 28x28 uint8 array like Fashion-MNIST; also say if it was inverted.
+
+    Grayscale, light object on a dark background, aspect ratio kept by padding.
+    """
+    from PIL import Image, ImageOps
+
+    gray = open_image(path)
+    pixels = np.asarray(gray, dtype=np.uint8)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    inverted = bool(border.mean() > 127)  # a light background: a photo, not Fashion-MNIST's dark one
+    if inverted:
+        gray = ImageOps.invert(gray)
+    if gray.size != (IMAGE_SIDE, IMAGE_SIDE):
+        gray = ImageOps.pad(gray, (IMAGE_SIDE, IMAGE_SIDE), method=Image.Resampling.LANCZOS, color=0)
+    return np.asarray(gray, dtype=np.uint8), inverted
+
+
+def open_image(path: Path) -> Any:
+    """Decode an image file as 8-bit grayscale, upright, or say in one line why it cannot be."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's decompression-bomb guard warns on stderr; the check below replaces it
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > PREDICT_MAX_PIXELS:
+                raise UserError(f"{path}: {width}x{height} is {width * height / 1e6:,.0f} megapixels, over the "
+                                f"{PREDICT_MAX_PIXELS / 1e6:,.0f}-megapixel limit for --predict; shrink it first")
+            img.draft("L", (IMAGE_SIDE * 16, IMAGE_SIDE * 16))  # JPEG: decode big photos at a fraction of the size
+            return to_grayscale(ImageOps.exif_transpose(img))  # phone photos store their rotation in EXIF
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({first_line(e)})") from None
+
+
+def to_grayscale(img: Any) -> Any:
+    """Any image Pillow opens, as 8-bit grayscale: deep images scaled (not clipped), transparency as white."""
+    from PIL import Image
+
+    if img.mode in DEEP_MODES:
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scaled = np.clip(np.rint(values * (255 / deep_full_scale(img.mode, values))), 0, 255)
+        return Image.fromarray(scaled.astype(np.uint8), "L")
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))  # transparent parts become white background
+    if img.mode == "LAB":  # Pillow cannot convert LAB; its L channel is the lightness
+        return img.getchannel("L")
+    return img.convert("L")
+
+
+def deep_full_scale(mode: str, values: np.ndarray) -> float:
+    """The value that means white in a 16-bit, 32-bit integer or float image.
+
+    16-bit modes declare it; 32-bit integer and float images do not, so they get the smallest of the usual
+    ranges that holds their brightest pixel: [0, 1] (floats only), 8, 16 or 31 bits.
+    """
+    if DEEP_MODES[mode]:
+        return float(DEEP_MODES[mode])
+    brightest = float(np.nanmax(values)) if values.size else 0.0
+    scales = ((1.0,) if mode == "F" else ()) + (255.0, 65535.0, 2.0**31 - 1)
+    return next((scale for scale in scales if brightest <= scale), brightest)
 
 
 # =============================================================================

@@ -91,7 +91,8 @@ def bounded(kind: type, low: float, high: float | None = None, *, above: bool = 
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
-        if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value < high)):
+        finite = kind is int or math.isfinite(value)  # a huge int would overflow isfinite
+        if not (finite and (value > low if above else value >= low) and (high is None or value < high)):
             raise argparse.ArgumentTypeError(f"{text} must be {rule}")
         return value
 
@@ -110,7 +111,7 @@ def setting(default: Any, help: str, *flags: str, group: str = "training", resum
         "recorded": recorded, "argparse": argparse_options})
 
 
-POSITIVE = bounded(int, 1)
+POSITIVE = bounded(int, 1, 2**31)  # counts and sizes; the upper bound keeps them within TensorFlow's int32
 
 
 @dataclasses.dataclass(frozen=True)

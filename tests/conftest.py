@@ -137,7 +137,8 @@ def class_image(label: int, seed: int = 0) -> np.ndarray:
 
 
 # Two groups of about equal time on 2 cores; the modules using the shared trained model stay together.
-XDIST_GROUPS = {"test_interrupt": "signals and Ray cluster", "test_ray_cluster": "signals and Ray cluster"}
+SIGNALS_AND_CLUSTER = "signals and Ray cluster"
+XDIST_GROUPS = {"test_interrupt": SIGNALS_AND_CLUSTER, "test_ray_cluster": SIGNALS_AND_CLUSTER}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -145,5 +146,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With pytest-xdist's loadgroup (pyproject.toml), run each group on one worker, so that module and session
     fixtures (the trained model, the interrupted run) are made once."""
     for item in items:
-        module = item.module.__name__ if item.module else ""
-        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, "the rest")))
+        if not item.get_closest_marker("xdist_group"):
+            module = item.module.__name__ if item.module else ""
+            item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, "the rest")))

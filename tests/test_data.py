@@ -29,7 +29,7 @@ def test_read_idx_returns_the_array_written(tmp_path: Path) -> None:
     (gzip.compress(b"\x00\x00\x08\x03\x00\x00"), "truncated IDX header"),
     (gzip.compress(idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-5]), "header promises"),
     (gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05abcde")[:-6], "as gzip"),
-])
+], ids=["not gzip", "bad magic", "truncated header", "truncated data", "truncated gzip"])  # stable ids for xdist
 def test_read_idx_refuses_broken_files(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "broken.gz"
     path.write_bytes(content)

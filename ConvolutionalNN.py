@@ -1383,13 +1383,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     Inside output_set() the rename waits for the end of the set. A failed write names the file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    def cannot_write(e: OSError) -> UserError:
+        return UserError(f"cannot write {path} ({e.strerror or first_line(e)})")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    except OSError as e:
+        raise cannot_write(e) from None
     os.close(fd)
     tmp = Path(tmp_name)
-    tmp.chmod(0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
     kept = False
     try:
+        tmp.chmod(0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -1399,7 +1405,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
             _staged.append((tmp, path))
             kept = True
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or first_line(e)})") from None
+        raise cannot_write(e) from None
     finally:
         if not kept:
             tmp.unlink(missing_ok=True)

@@ -686,7 +686,8 @@ def test_and_write(cfg: Config, arrays: Arrays, runs: list[TrainResult], test: b
     extra = {}
     if len(runs) > 1:
         rows = [seed_row(r, evals.get(r.seed)) for r in runs]
-        extra = seed_summary(rows, [ev.accuracy for ev in evals.values()], [ev.loss for ev in evals.values()])
+        extra = seed_summary(rows, [ev.accuracy for ev in evals.values()], [ev.loss for ev in evals.values()],
+                             saved_seed=keep.seed)
         spread = f" ± {extra['test_accuracy_std']:.2%} (mean ± sample std)" if len(evals) > 1 else ""
         print(f"\nTest results of lr={keep.lr:g} per seed:\n{format_seed_table(rows)}")
         print(f"Test accuracy over {len(evals)} seed(s): {extra['test_accuracy_mean']:.2%}{spread}")
@@ -1013,15 +1014,15 @@ def seed_row(result: TrainResult, ev: Evaluation | None) -> dict[str, Any]:
             "training_seconds": round(result.seconds, 2), "diverged": result.diverged, "failed": result.failed}
 
 
-def seed_summary(rows: list[dict[str, Any]], accuracies: list[float], losses: list[float]) -> dict[str, Any]:
+def seed_summary(rows: list[dict[str, Any]], accuracies: list[float], losses: list[float],
+                 saved_seed: int) -> dict[str, Any]:
     """metrics.json's fields for several seeds: each seed's row and the mean ± std of its test figures."""
     acc_mean, acc_std = mean_std(accuracies)
     loss_mean, loss_std = mean_std(losses)
-    saved = max((r for r in rows if r["best_val_accuracy"] is not None), key=lambda r: r["best_val_accuracy"])
     return {"seeds": rows, "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
             "test_loss_mean": loss_mean, "test_loss_std": loss_std,
             "std_is": "sample standard deviation (ddof=1) over seeds",
-            "saved_seed": saved["seed"], "saved_seed_selected_by": BEST_MONITOR}
+            "saved_seed": saved_seed, "saved_seed_selected_by": BEST_MONITOR}
 
 
 def format_seed_table(rows: list[dict[str, Any]]) -> str:

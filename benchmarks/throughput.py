@@ -1,27 +1,34 @@
 #!/usr/bin/env python3
-"""Training throughput of the default network: plain Keras float32 against the program's own path.
+"""Training speed of the default network: whole 48,000-image epochs with validation, variant against variant.
 
-Run by hand, not in CI (it takes minutes and needs a quiet machine):
+Run by hand on a quiet machine, not in CI (about 3 minutes an epoch on a 2-core Zen 3):
 
     python3 benchmarks/throughput.py --data-dir ../shared/data/fashion-mnist
 
-Variants, alternated in every repeat so that machine noise hits them alike:
-  plain-float32   float32 arrays scaled in NumPy, fed to model.fit (the textbook path)
-  program         ConvolutionalNN.build_model: uint8 arrays, scaling inside the model, fed
-                  by ConvolutionalNN.epoch_streams (a new batch order every epoch)
-  program-arrays  the same model fed the arrays by fit(shuffle=True) (the input path
-                  before epoch_streams; not a choice the program offers)
-  program-bf16    the same under Keras's mixed_bfloat16 policy (fast only where the
-                  CPU has AVX512-BF16/AMX, or on a GPU)
-Prints steady-state images/s (median, min, max over repeats, first epoch of each fit
-dropped as warm-up), seconds per 48,000-image epoch, the ratio to plain-float32, the
-achieved GFLOP/s against this machine's measured matmul peak, and peak memory.
+Each variant trains in its own process (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import), warmed up
+on 30 batches; then the variants take turns, one whole epoch each (48,000 training images, then the 12,000
+validation images), for --repeats rounds, so that machine noise hits them alike. Variants:
+
+  keras-float32   the textbook path: float32 arrays scaled in NumPy, fit(shuffle=True), TensorFlow's own
+                  oneDNN choice for this CPU (the ratio column is against this one)
+  program-eigen   the program's training path with TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's Eigen kernels)
+  program         the program's training path as `python3 ConvolutionalNN.py` runs it, levers (EMA, shifts,
+                  flips) off: uint8 input scaled in the model, epoch streams, oneDNN on, --precision auto
+  program+levers  the same with the default run's levers (--ema, --shift, --flip): what they cost
+  program-bf16    the program's path in mixed bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
+
+Prints, per variant, the median of images/s (training images over the epoch's training time) and of seconds
+per epoch including validation, the ratio to keras-float32, and the fraction of this machine's matmul peak
+(measured in each process, in the precision it trains in) that the training achieved.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,52 +36,166 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import ConvolutionalNN as cnn  # the script lives one folder up
+ONEDNN_SET_OUTSIDE = "TF_ENABLE_ONEDNN_OPTS" in os.environ
+import ConvolutionalNN as cnn  # the script lives one folder up; importing it turns oneDNN on
+
+if sys.argv[1:3] == ["--worker", "keras-float32"] and not ONEDNN_SET_OUTSIDE:
+    del os.environ["TF_ENABLE_ONEDNN_OPTS"]  # TensorFlow as it comes (it has not been imported yet)
+
+VARIANTS = {  # name: (environment it needs, precision, program's path?, levers?)
+    "keras-float32": ({"TF_ENABLE_ONEDNN_OPTS": None}, "float32", False, False),  # None: TensorFlow decides
+    "program-eigen": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "auto", True, False),
+    "program": ({}, "auto", True, False),
+    "program+levers": ({}, "auto", True, True),
+    "program-bf16": ({}, "bfloat16", True, False),
+}
+DEFAULT_VARIANTS = ["keras-float32", "program-eigen", "program", "program+levers"]
 
 
-def load_images(data_dir: Path | None, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` real training images, or random ones of the same shape."""
-    if data_dir and (data_dir / cnn.IDX_FILES["train_images"]).exists():
-        x, y, _, _ = cnn.read_idx_folder(data_dir)
-        return x[:count, :, :, None], y[:count]
-    print("real data not found: using random images of the same shape")
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (count, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, count).astype(np.uint8)
+# Driver ------------------------------------------------------------------------------------------------------
+
+def main() -> int:
+    """Start a worker per variant, let them take turns epoch by epoch, print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/fashion-mnist"))
+    p.add_argument("--repeats", type=int, default=3, help="rounds of one epoch per variant")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS)
+    p.add_argument("--limit", type=int, help="train on the first N images only (a quick check of this script; "
+                   "the figures are for whole epochs)")
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a.worker, a.data_dir, a.limit)
+    if not (a.data_dir / cnn.IDX_FILES["train_images"]).exists():
+        sys.exit(f"error: no Fashion-MNIST in {a.data_dir}; give --data-dir (the figures need the real data)")
+    workers, ready = {}, {}
+    for v in a.variants:  # one after another, so that each measures its matmul peak alone
+        workers[v] = start_worker(v, a.data_dir, a.limit)
+        ready[v] = read_reply(workers[v])
+    epochs: dict[str, list[dict]] = {v: [] for v in a.variants}
+    for r in range(a.repeats):
+        for variant, proc in workers.items():
+            proc.stdin.write("epoch\n")
+            proc.stdin.flush()
+            epochs[variant].append(read_reply(proc))
+            e = epochs[variant][-1]
+            print(f"round {r + 1}/{a.repeats} {variant:>14}: {e['train_images'] / e['train_s']:6,.0f} img/s, "
+                  f"{e['epoch_s']:6.1f} s/epoch", flush=True)
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait()
+    print_table(ready, epochs)
+    return 0
 
 
-def plain_float32_model(cfg: cnn.Config) -> object:
-    """The same layers without in-model scaling: the textbook float32 model."""
-    import keras
+def start_worker(variant: str, data_dir: Path, limit: int | None) -> subprocess.Popen[str]:
+    """A process that trains variant one epoch at a time, on request."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for key, value in VARIANTS[variant][0].items():
+        env.pop(key, None) if value is None else env.__setitem__(key, value)
+    limit_flag = ["--limit", str(limit)] if limit else []
+    return subprocess.Popen([sys.executable, __file__, "--worker", variant, "--data-dir", str(data_dir), *limit_flag],
+                            env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    model = cnn.build_model(cfg, cfg.lr, steps_per_epoch=100)
+
+def read_reply(proc: subprocess.Popen[str]) -> dict:
+    """The worker's next JSON line."""
+    line = proc.stdout.readline()
+    if not line:
+        sys.exit(f"error: a worker stopped (exit code {proc.wait()})")
+    return json.loads(line)
+
+
+def print_table(ready: dict[str, dict], epochs: dict[str, list[dict]]) -> None:
+    """Medians per variant, ratio to the first variant, fraction of the matmul peak."""
+    first = next(iter(epochs))
+    peak = {}  # the best matmul rate any process reached in each precision
+    for info in ready.values():
+        peak[info["precision"]] = max(peak.get(info["precision"], 0), info["peak_gflops"])
+    rate = {v: statistics.median(e["train_images"] / e["train_s"] for e in es) for v, es in epochs.items()}
+    print(f"\n{'variant':>14} {'precision':>9} {'oneDNN':>6} {'img/s':>6} {'min':>6} {'max':>6} {'s/epoch':>7} "
+          f"{'ratio':>5} {'GFLOP/s':>7} {'of peak':>7}")
+    for v, es in epochs.items():
+        info = ready[v]
+        rates = [e["train_images"] / e["train_s"] for e in es]
+        gflops = rate[v] * info["flops_per_image"] / 1e9
+        print(f"{v:>14} {info['precision']:>9} {info['onednn']:>6} {rate[v]:>6,.0f} {min(rates):>6,.0f} "
+              f"{max(rates):>6,.0f} {statistics.median(e['epoch_s'] for e in es):>7.1f} {rate[v] / rate[first]:>5.2f} "
+              f"{gflops:>7,.0f} {gflops / peak[info['precision']]:>7.0%}")
+    each = ", ".join(f"{v} {i['peak_gflops']:,.0f}" for v, i in ready.items())
+    print(f"matmul peak, GFLOP/s, as each process measured it: {each}; training costs "
+          f"{next(iter(ready.values()))['flops_per_image'] / 1e6:,.0f} MFLOP per image; medians of "
+          f"{len(next(iter(epochs.values())))} epochs each, {os.cpu_count()} CPUs")
+
+
+# Worker ------------------------------------------------------------------------------------------------------
+
+def worker(variant: str, data_dir: Path, limit: int | None) -> int:
+    """Build the variant, warm it up, then train one whole epoch per 'epoch' line on stdin."""
+    _, precision, program, levers = VARIANTS[variant]
+    keras = cnn.import_keras()
+    flags = ["--precision", precision] if precision != "auto" else []
+    flags += ["--data-dir", str(data_dir), *(["--limit", str(limit)] if limit else [])]
+    if levers:
+        flags += ["--ema", "0.99", "--shift", "1", "--flip"]
+    cfg = cnn.parse_args(flags)
+    chosen, _ = cnn.set_precision(cfg.precision)
+    data = cnn.split_data(cnn.load_arrays(cfg), cfg, seed=0)
+    cnn.seed_everything(0)
+    steps = -(-len(data.y_train) // cfg.batch_size)
+    model = cnn.build_model(cfg, cfg.lr, steps)
+    y_val = keras.utils.to_categorical(data.y_val, len(cnn.CLASS_NAMES))
+    if program:
+        batches, start_epoch = cnn.epoch_streams(data.x_train, data.y_train, cfg.batch_size, 0, model,
+                                                 shift=cfg.shift, flip=cfg.flip)
+        x_val, extra = data.x_val, [keras.callbacks.SwapEMAWeights()] if cfg.ema else []
+    else:
+        model = textbook_model(keras, model)
+        x_train = data.x_train.astype(np.float32) / 255
+        y_train, y_val = data.y_train, data.y_val  # integer labels, sparse_categorical_crossentropy
+        x_val, extra = data.x_val.astype(np.float32) / 255, []
+
+    def one_epoch(epoch: int, limit: int | None = None) -> dict:
+        marks = {}
+        clock = keras.callbacks.LambdaCallback(on_test_begin=lambda logs: marks.setdefault("val", time.perf_counter()))
+        start = time.perf_counter()
+        if program:
+            start_epoch(epoch)
+            model.fit(batches.take(limit) if limit else batches, initial_epoch=epoch, epochs=epoch + 1,
+                      validation_data=(x_val, y_val), verbose=0, shuffle=False, callbacks=[*extra, clock])
+        else:
+            n = limit * cfg.batch_size if limit else len(x_train)
+            model.fit(x_train[:n], y_train[:n], batch_size=cfg.batch_size, initial_epoch=epoch, epochs=epoch + 1,
+                      validation_data=(x_val, y_val), verbose=0, shuffle=True, callbacks=[clock])
+        end = time.perf_counter()
+        return {"train_images": len(data.y_train), "train_s": marks["val"] - start, "epoch_s": end - start}
+
+    one_epoch(0, limit=30)  # traces the functions
+    from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer, after its CPU check
+
+    reply({"precision": chosen, "onednn": "on" if _pywrap_util_port.IsMklEnabled() else "off",
+           "peak_gflops": matmul_peak_gflops(chosen), "flops_per_image": training_flops_per_image(cfg)})
+    for epoch, _ in enumerate(sys.stdin, start=1):
+        reply(one_epoch(epoch))
+    return 0
+
+
+def reply(payload: dict) -> None:
+    """One JSON line to the driver."""
+    print(json.dumps(payload), flush=True)
+
+
+def textbook_model(keras: object, model: object) -> object:
+    """The program's layers fed float32 images already in [0, 1]: what a textbook Keras script trains."""
     plain = keras.Sequential([keras.Input((28, 28, 1), dtype="float32"), *model.layers[1:]])
-    plain.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    plain.compile(optimizer=keras.optimizers.Adam(), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return plain
 
 
-def time_epochs(model: object, x: np.ndarray, y: np.ndarray, batch: int, epochs: int, program: bool) -> list[float]:
-    """Seconds of each epoch of one fit() call; program: fed by the program's own per-epoch-shuffled batches."""
-    import keras
-
-    marks: list[float] = []
-    clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: marks.append(time.perf_counter()),
-                                           on_epoch_end=lambda e, logs: marks.append(time.perf_counter()))
-    if program:
-        batches, start_epoch = cnn.epoch_streams(x, y, batch, 0, model)
-        streams = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: start_epoch(e))
-        model.fit(batches, epochs=epochs, verbose=0, shuffle=False, callbacks=[streams, clock])
-    else:
-        model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=True, callbacks=[clock])
-    return [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
-
-
-def matmul_peak_gflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    """Best observed GFLOP/s of an n x n matmul in dtype: this machine's practical peak."""
-    import tensorflow as tf
-
-    a = tf.random.normal((n, n), dtype=tf.float32)
-    a = tf.cast(a, dtype)
+def matmul_peak_gflops(precision: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best observed GFLOP/s of an n x n matmul in the precision trained in: this machine's practical peak."""
+    tf = cnn.import_tensorflow()
+    a = tf.cast(tf.random.normal((n, n)), "bfloat16" if precision == "bfloat16" else "float32")
     tf.matmul(a, a).numpy()
     best = 0.0
     for _ in range(repeats):
@@ -92,54 +213,6 @@ def training_flops_per_image(cfg: cnn.Config) -> float:
     macs = (side1**2 * cfg.filters * k2 + side2**2 * cfg.filters * cfg.filters * k2
             + flat * cfg.dense_units + cfg.dense_units * 10)
     return 2 * 3 * macs
-
-
-def main() -> int:
-    """Measure, alternate, print the table."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/fashion-mnist"))
-    p.add_argument("--repeats", type=int, default=3, help="rounds of all variants")
-    p.add_argument("--images", type=int, default=3840, help="images per timed epoch")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per fit; the first is warm-up")
-    p.add_argument("--variants", nargs="+", default=["plain-float32", "program", "program-bf16"])
-    a = p.parse_args()
-
-    import keras
-
-    cfg = cnn.Config()
-    x, y = load_images(a.data_dir, a.images)
-    x_float = x.astype(np.float32) / 255
-    rates: dict[str, list[float]] = {v: [] for v in a.variants}
-    for r in range(a.repeats):
-        for variant in a.variants:
-            keras.mixed_precision.set_global_policy("mixed_bfloat16" if variant.endswith("bf16") else "float32")
-            keras.utils.set_random_seed(r)
-            if variant == "plain-float32":
-                model, inputs = plain_float32_model(cfg), x_float
-            else:
-                model, inputs = cnn.build_model(cfg, cfg.lr, steps_per_epoch=100), x
-            streams = variant in ("program", "program-bf16")
-            seconds = time_epochs(model, inputs, y, cfg.batch_size, a.epochs, streams)[1:]
-            rates[variant] += [len(x) / s for s in seconds]
-            print(f"repeat {r + 1}/{a.repeats} {variant:>14}: " + ", ".join(f"{len(x) / s:,.0f}" for s in seconds)
-                  + " img/s", flush=True)
-    keras.mixed_precision.set_global_policy("float32")
-
-    flops = training_flops_per_image(cfg)
-    peaks = {"float32": matmul_peak_gflops("float32"), "bfloat16": matmul_peak_gflops("bfloat16")}
-    base = statistics.median(rates[a.variants[0]])
-    print(f"\nmatmul peak here: float32 {peaks['float32']:,.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:,.0f} GFLOP/s;"
-          f" training costs {flops / 1e6:,.0f} MFLOP per image")
-    print(f"{'variant':>14} {'median img/s':>12} {'min':>7} {'max':>7} {'s/epoch (48k)':>13} {'ratio':>6} "
-          f"{'GFLOP/s':>8} {'of peak':>8}")
-    for variant, values in rates.items():
-        med = statistics.median(values)
-        peak = peaks["bfloat16" if variant.endswith("bf16") else "float32"]
-        gflops = med * flops / 1e9
-        print(f"{variant:>14} {med:>12,.0f} {min(values):>7,.0f} {max(values):>7,.0f} {48000 / med:>13,.1f} "
-              f"{med / base:>6.2f} {gflops:>8,.0f} {gflops / peak:>8.0%}")
-    print(f"peak memory of this process: {cnn.peak_memory_mb()} MB")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import ConvolutionalNN as cnn
 from conftest import SCRIPT, TINY, call_main, run_cli
 
-LONG = [*TINY, "--limit", "1600", "--epochs", "4"]  # 40 steps an epoch: time to land a signal inside one
+LEVERS = ["--ema", "0.9", "--label-smoothing", "0.1", "--shift", "2", "--flip", "--tta"]  # all kept exact on resume
+LONG = [*TINY, "--limit", "1600", "--epochs", "4", *LEVERS]  # 40 steps an epoch: time to land a signal inside one
 
 
 def start_cli(*args: str | os.PathLike) -> subprocess.Popen[str]:
@@ -73,11 +75,11 @@ def copy_of(interrupted: tuple[Path, subprocess.CompletedProcess], to: Path) -> 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
-    """The same 4-epoch run, uninterrupted."""
+    """The same 4-epoch run, uninterrupted: its metrics.json, and "model": its model file."""
     folder = tmp_path_factory.mktemp("straight")
     ran = call_main(*run_flags(folder, data_dir))
     assert ran.returncode == 0, ran.stderr
-    return json.loads((folder / "plots" / "metrics.json").read_text())
+    return {**json.loads((folder / "plots" / "metrics.json").read_text()), "model": folder / "m.keras"}
 
 
 @pytest.mark.slow
@@ -119,6 +121,7 @@ def test_resume_finishes_the_run_exactly_like_an_uninterrupted_one(
     for key in ("loss", "val_loss", "val_accuracy"):
         np.testing.assert_allclose(resumed["history"][key], straight["history"][key], rtol=1e-5, err_msg=key)
     assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"], abs=1e-6)
+    assert resumed["validation_accuracy_with_tta"] == pytest.approx(straight["validation_accuracy_with_tta"])
     assert not (folder / ".m.resume").exists(), "a finished run leaves no resume state"
     again = run_cli(*flags, "--resume")
     assert again.returncode == 1 and "nothing to resume" in again.stderr
@@ -177,17 +180,71 @@ def test_every_epoch_gets_its_own_batch_order_and_dropout_masks() -> None:
     cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8"])
     cnn.seed_everything(0)
     model = cnn.build_model(cfg, 0.01, 10)
-    labels = np.arange(64, dtype=np.uint8)
-    batches, start_epoch = cnn.epoch_streams(np.zeros((64, 28, 28, 1), np.uint8), labels, 16, 0, model)
+    index = np.arange(64, dtype=np.uint8)
+    images = np.broadcast_to(index[:, None, None, None], (64, 28, 28, 1)).copy()  # image k is all k
+    batches, start_epoch = cnn.epoch_streams(images, index % 10, 16, 0, model)
     dropout = [layer.seed_generator for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
 
     def epoch(number: int) -> tuple[list[int], list[list[int]]]:
         start_epoch(number)
-        order = [int(v) for _, y in batches for v in y.numpy()]
+        order = [int(v) for x, _ in batches for v in x.numpy()[:, 0, 0, 0]]
         return order, [g.state.numpy().tolist() for g in dropout]
 
     first, second = epoch(0), epoch(1)
-    assert sorted(first[0]) == labels.tolist(), "each epoch sees every image once"
+    assert sorted(first[0]) == index.tolist(), "each epoch sees every image once"
     assert first[0] != second[0], "same batch order in consecutive epochs"
     assert all(a != b for a, b in zip(first[1], second[1], strict=True)), "same dropout masks in consecutive epochs"
     assert epoch(0) == first and epoch(1) == second, "an epoch's order and masks depend on (seed, epoch) alone"
+
+
+def augmentation_of_each_image(images: np.ndarray, seed: int, epoch: int) -> dict[int, tuple[bool, int, int]]:
+    """For one epoch of --shift 2 --flip batches: image index -> (mirrored, pixels moved down, pixels moved right)."""
+    cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8"])
+    model = cnn.build_model(cfg, 0.01, 10)
+    batches, start_epoch = cnn.epoch_streams(images, np.zeros(len(images), np.uint8), 16, seed, model,
+                                             shift=2, flip=True)
+    start_epoch(epoch)
+    copies = {moved(images[k, :, ::-1] if flipped else images[k], dy, dx).tobytes(): (k, flipped, dy, dx)
+              for k in range(len(images)) for flipped in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)}
+    found = [copies.get(image.tobytes()) for x, _ in batches for image in x.numpy()]
+    assert None not in found, "every training image is a source image, flipped or not, moved by at most 2 px"
+    assert sorted(k for k, *_ in found) == list(range(len(images))), "each image once an epoch"
+    return {k: (flipped, dy, dx) for k, flipped, dy, dx in found}
+
+
+def moved(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """image moved dy pixels down and dx right, zero-filled."""
+    out = np.zeros_like(image)
+    h, w = image.shape[:2]
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = image[max(-dy, 0):h - max(dy, 0),
+                                                                       max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def test_augmented_batches_are_shifted_and_flipped_copies_keyed_by_seed_and_epoch() -> None:
+    images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1), dtype=np.uint8)  # no 0: the fill shows
+    first = augmentation_of_each_image(images, seed=0, epoch=0)
+    assert 16 < sum(flipped for flipped, _, _ in first.values()) < 48, "about half the images are mirrored"
+    assert len({move[1:] for move in first.values()}) > 15, "shifts take many of the 25 values"
+    assert augmentation_of_each_image(images, seed=0, epoch=0) == first, "(seed, epoch) decides it all"
+    for other in (augmentation_of_each_image(images, seed=0, epoch=1), augmentation_of_each_image(images, 1, 0)):
+        assert sum(other[k] != first[k] for k in first) > 48, "an image gets a new augmentation each epoch and seed"
+
+
+@pytest.mark.slow
+def test_predict_averages_over_the_copies_the_model_was_trained_with(tmp_path: Path, straight: dict) -> None:
+    """Trained with --shift --flip --tta, the model's file says so, and --predict averages like the test did."""
+    import keras
+
+    image = np.zeros((28, 28), np.uint8)
+    image[4:20, 2:9] = 255  # lopsided: its mirror and moves look different to the network
+    Image.fromarray(image).save(tmp_path / "lopsided.png")
+    ran = call_main("--predict", tmp_path / "lopsided.png", "--json", "--model-path", straight["model"])
+    assert ran.returncode == 0, ran.stderr
+    top = json.loads(ran.stdout)[0]["top3"][0]
+    model = keras.models.load_model(straight["model"])
+    views = cnn.test_time_views(image[None, :, :, None], shift=True, flip=True)
+    averaged = np.mean([model.predict(v, verbose=0)[0] for v in views], axis=0)
+    assert top["class"] == cnn.CLASS_NAMES[averaged.argmax()]
+    assert top["probability"] == pytest.approx(averaged.max(), abs=1e-5)
+    assert top["probability"] != pytest.approx(model.predict(image[None, :, :, None], verbose=0)[0].max(), abs=1e-4)

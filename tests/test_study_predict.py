@@ -335,3 +335,32 @@ def test_huge_images_are_classified_quietly_or_refused_in_one_line(tmp_path: Pat
     assert proc.stderr.splitlines() == [
         f"error: {huge}: 20000x20000 is 400 megapixels, over the 200-megapixel limit for --predict; shrink it first",
         "1 of 2 files could not be classified."]
+
+
+class BrightnessRule:
+    """A stand-in model: class 0 where the pixels in `region` are lit, class 1 elsewhere."""
+
+    def __init__(self, region: tuple[slice, slice]) -> None:
+        self.region = region
+
+    def predict(self, images: np.ndarray, batch_size: int, verbose: int) -> np.ndarray:
+        lit = images[:, self.region[0], self.region[1]].sum(axis=(1, 2, 3)) > 0
+        probabilities = np.zeros((len(images), len(cnn.CLASS_NAMES)))
+        probabilities[:, 0], probabilities[:, 1] = lit, ~lit
+        return probabilities
+
+
+def test_tta_averages_each_image_with_its_mirror_and_one_pixel_moves() -> None:
+    left_lit = np.zeros((1, 28, 28, 1), np.uint8)
+    left_lit[:, :, :5] = 200
+    left_rule = BrightnessRule((slice(None), slice(0, 14)))
+    flip = cnn.test_time_augmentation(cnn.parse_args(["--flip", "--tta"]))
+    assert cnn.class_probabilities(left_rule, left_lit, None)[0, :2].tolist() == [1, 0]
+    assert cnn.class_probabilities(left_rule, left_lit, flip)[0, :2].tolist() == [0.5, 0.5], "mirror not averaged"
+    second_row_lit = np.zeros((1, 28, 28, 1), np.uint8)
+    second_row_lit[:, 1] = 200
+    top_row_rule = BrightnessRule((slice(0, 1), slice(None)))
+    shift = cnn.test_time_augmentation(cnn.parse_args(["--shift", "2", "--tta"]))
+    # of the image and its 4 one-pixel moves, only the move up lights the top row
+    assert cnn.class_probabilities(top_row_rule, second_row_lit, shift)[0, 0] == pytest.approx(1 / 5)
+    assert len(cnn.test_time_views(second_row_lit, shift=True, flip=True)) == 10

@@ -132,6 +132,8 @@ class Config:
                             choices=("cosine", "constant"), resume_must_match=True)
     label_smoothing: float = setting(0.0, "share of each label spread over all classes in the training loss",
                                      type=bounded(float, 0, 1), resume_must_match=True)
+    weight_decay: float = setting(0.0, "decoupled weight decay (AdamW) per step, times the learning rate",
+                                  type=bounded(float, 0), resume_must_match=True)
     ema: float = setting(0.0, "momentum per step of an exponential moving average of the weights, which is then "
                          "validated, kept and tested instead of the raw weights (0: off)", type=bounded(float, 0, 1),
                          metavar="MOMENTUM", resume_must_match=True)
@@ -150,6 +152,8 @@ class Config:
     padding: str = setting("same", "Conv2D padding", choices=("same", "valid"), group="network",
                            resume_must_match=True)
     dense_units: int = setting(128, "hidden Dense width", type=POSITIVE, group="network", resume_must_match=True)
+    conv_dropout: float = setting(0.25, "dropout after each pooling layer", type=bounded(float, 0, 1),
+                                  group="network", resume_must_match=True)
     dropout: float = setting(0.5, "dropout before the output layer", type=bounded(float, 0, 1), group="network",
                              resume_must_match=True)
     # data and outputs
@@ -474,7 +478,7 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
         model.add(layers.Conv2D(cfg.filters, cfg.kernel_size, padding=cfg.padding,
                                 activation="relu", name=f"conv{block}"))
         model.add(layers.MaxPooling2D(2, name=f"pool{block}"))
-        model.add(layers.Dropout(0.25, name=f"dropout{block}"))
+        model.add(layers.Dropout(cfg.conv_dropout, name=f"dropout{block}"))
     model.add(layers.Flatten(name="flatten"))
     model.add(layers.Dense(cfg.dense_units, activation="relu", name="dense"))
     model.add(layers.Dropout(cfg.dropout, name="dropout3"))
@@ -482,7 +486,8 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
     schedule: Any = lr
     if cfg.schedule == "cosine":
         schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=cfg.epochs * steps_per_epoch)
-    optimizer = keras.optimizers.Adam(schedule, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
+    optimizer = keras.optimizers.Adam(schedule, weight_decay=cfg.weight_decay or None, use_ema=cfg.ema > 0,
+                                      ema_momentum=cfg.ema or 0.99)
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
     return model

@@ -6,6 +6,7 @@
 # Variants are the lines "name flags..." of benchmarks/ablation_variants.txt, re-read before each run, so
 # lines may be added while it runs. Each writes runs/ablation/NAME/ (metrics.json, plots, model, log).
 # Interrupted? Start it again: finished variants are skipped, an unfinished one goes on with --resume.
+# To stop after the current variant: touch runs/ablation/PAUSE (removed when the script starts again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?usage: benchmarks/ablation.sh DATA_DIR}
@@ -13,11 +14,14 @@ list=benchmarks/ablation_variants.txt
 
 next_variant() {
     grep -v '^\s*\(#\|$\)' "$list" | while read -r name flags; do
-        [ -e "runs/ablation/$name/metrics.json" ] || { echo "$name $flags"; break; }
+        done_file=runs/ablation/$name/metrics.json unfinished=runs/ablation/$name/.model.resume
+        [ -e "$done_file" ] && [ ! -d "$unfinished" ] || { echo "$name $flags"; break; }
     done
 }
 
+rm -f runs/ablation/PAUSE
 while line=$(next_variant) && [ -n "$line" ]; do
+    [ -e runs/ablation/PAUSE ] && { echo "$(date -u +%FT%TZ) paused (runs/ablation/PAUSE)"; exit 0; }
     read -r name flags <<< "$line"
     out=runs/ablation/$name
     mkdir -p "$out"

@@ -62,7 +62,8 @@ def test_help_lists_every_flag_with_defaults() -> None:
     assert proc.returncode == 0
     for flag in ("--epochs", "--lr", "--batch-size", "--val-split", "--seed", "--data-dir", "--plots-dir",
                  "--model-path", "--limit", "--predict", "--json", "--seeds", "--precision", "--distribute",
-                 "--ray", "--ema", "--label-smoothing", "--shift", "--flip", "--tta"):
+                 "--ray", "--ema", "--label-smoothing", "--shift", "--flip", "--tta", "--weight-decay",
+                 "--conv-dropout"):
         assert flag in proc.stdout
     assert "default: 20" in proc.stdout and "0.001" in proc.stdout
 

@@ -48,7 +48,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log is noise here; real failures raise in Python
 # TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX512-VNNI/BF16, AMX or AVX-VNNI; on an
-# AVX2-only Zen 3 they train this network 1.8x faster than the default Eigen kernels (docs/RESULTS.md).
+# AVX2-only Zen 3 they make a whole epoch 1.3x faster than the default Eigen kernels (docs/RESULTS.md).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 CLASS_NAMES = (

@@ -159,19 +159,20 @@ def worker(variant: str, data_dir: Path, limit: int | None) -> int:
         y_train, y_val = data.y_train, data.y_val  # integer labels, sparse_categorical_crossentropy
         x_val, extra = data.x_val.astype(np.float32) / 255, []
 
-    def one_epoch(epoch: int, limit: int | None = None) -> dict:
+    def one_epoch(epoch: int, steps: int | None = None) -> dict:
+        """One epoch of fit (only its first `steps` batches, if given), with validation; its seconds."""
         start = time.perf_counter()
         if program:
             start_epoch(epoch)
-            model.fit(batches.take(limit) if limit else batches, initial_epoch=epoch, epochs=epoch + 1,
+            model.fit(batches.take(steps) if steps else batches, initial_epoch=epoch, epochs=epoch + 1,
                       validation_data=(x_val, y_val), verbose=0, shuffle=False, callbacks=extra)
         else:
-            n = limit * cfg.batch_size if limit else len(x_train)
+            n = steps * cfg.batch_size if steps else len(x_train)
             model.fit(x_train[:n], y_train[:n], batch_size=cfg.batch_size, initial_epoch=epoch, epochs=epoch + 1,
                       validation_data=(x_val, y_val), verbose=0, shuffle=True)
         return {"train_images": len(data.y_train), "val_images": len(data.y_val), "epoch_s": time.perf_counter() - start}
 
-    one_epoch(0, limit=30)  # traces the functions
+    one_epoch(0, steps=30)  # traces the functions
     from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer, after its CPU check
 
     reply({"precision": chosen, "onednn": "on" if _pywrap_util_port.IsMklEnabled() else "off",

@@ -43,7 +43,7 @@ OUTPUTS = ["accuracy.png", "loss.png", "confusion_matrix.png", "predictions.png"
     (["--ray", "--distribute", "mirrored"], "do not combine"),
     (["--ray", "--resume"], "--resume applies to training runs on this machine"),
     (["--ray", "headnode"], "give HOST:PORT, auto, or no value"),
-    (["--tta"], "add --flip and/or --shift"),
+    (["--predict", "x.png", "--no-tta"], "uses the test-time augmentation the model was trained with"),
     (["--predict", "x.png", "--flip"], "uses the test-time augmentation the model was trained with"),
     (["--shift", "14"], "between 0 and 13"),
     (["--ema", "1"], "at least 0 and below 1"),

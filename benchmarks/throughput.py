@@ -83,7 +83,7 @@ def main() -> int:
             proc.stdin.flush()
             epochs[variant].append(read_reply(proc))
             e = epochs[variant][-1]
-            print(f"round {r + 1}/{a.repeats} {variant:>14}: {e['epoch_s']:6.1f} s/epoch, "
+            print(f"round {r + 1}/{a.repeats} {variant:>17}: {e['epoch_s']:6.1f} s/epoch, "
                   f"{e['train_images'] / e['epoch_s']:4,.0f} img/s", flush=True)
     for proc in workers.values():
         proc.stdin.close()
@@ -117,13 +117,13 @@ def print_table(ready: dict[str, dict], epochs: dict[str, list[dict]]) -> None:
     for info in ready.values():
         peak[info["precision"]] = max(peak.get(info["precision"], 0), info["peak_gflops"])
     seconds = {v: statistics.median(e["epoch_s"] for e in es) for v, es in epochs.items()}
-    print(f"\n{'variant':>14} {'precision':>9} {'oneDNN':>6} {'s/epoch':>7} {'min':>6} {'max':>6} {'img/s':>5} "
+    print(f"\n{'variant':>17} {'precision':>9} {'oneDNN':>6} {'s/epoch':>7} {'min':>6} {'max':>6} {'img/s':>5} "
           f"{'ratio':>5} {'GFLOP/s':>7} {'of peak':>7}")
     for v, es in epochs.items():
         info, e = ready[v], es[0]
         flops = (e["train_images"] + e["val_images"] / 3) * info["flops_per_image"]
         gflops = flops / seconds[v] / 1e9
-        print(f"{v:>14} {info['precision']:>9} {info['onednn']:>6} {seconds[v]:>7.1f} "
+        print(f"{v:>17} {info['precision']:>9} {info['onednn']:>6} {seconds[v]:>7.1f} "
               f"{min(x['epoch_s'] for x in es):>6.1f} {max(x['epoch_s'] for x in es):>6.1f} "
               f"{e['train_images'] / seconds[v]:>5,.0f} {seconds[first] / seconds[v]:>5.2f} {gflops:>7,.0f} "
               f"{gflops / peak[info['precision']]:>7.0%}")

@@ -43,14 +43,14 @@ def render_photo(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
 
 
-def write_photos(data_dir: Path, count: int, folder: Path) -> list[int]:
+def write_photos(data_dir: Path, count: int, folder: Path) -> np.ndarray:
     """Render the first `count` test images into folder as NNNNN.jpg; return their labels."""
     images = read_idx(data_dir / IDX_FILES["test_images"])[:count]
     labels = read_idx(data_dir / IDX_FILES["test_labels"])[:count]
     rng = np.random.default_rng(0)
     for number, image in enumerate(images):
         render_photo(image, rng).save(folder / f"{number:05d}.jpg", quality=85)
-    return [int(label) for label in labels]
+    return labels
 
 
 def classify(model: Path, folder: Path) -> dict[str, str]:
@@ -80,7 +80,7 @@ def main() -> int:
             print(f"{model}: {hits.mean():.1%} of {len(labels)} photo-like test images")
             if args.per_class:
                 for k, name in enumerate(CLASS_NAMES):
-                    print(f"    {name:<12} {hits[np.array(labels) == k].mean():.1%}")
+                    print(f"    {name:<12} {hits[labels == k].mean():.1%}")
     return 0
 
 

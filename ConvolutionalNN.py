@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import gzip
 import json
 import math
@@ -487,11 +488,39 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
     schedule: Any = lr
     if cfg.schedule == "cosine":
         schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=cfg.epochs * steps_per_epoch)
-    optimizer = keras.optimizers.Adam(schedule, weight_decay=cfg.weight_decay or None, use_ema=cfg.ema > 0,
-                                      ema_momentum=cfg.ema or 0.99)
+    adam = warmed_up_ema_adam() if cfg.ema else keras.optimizers.Adam
+    optimizer = adam(schedule, weight_decay=cfg.weight_decay or None, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
     return model
+
+
+EMA_WARM_UP = 10  # the average's momentum at step t is at most (1 + t) / (EMA_WARM_UP + t)
+
+
+@functools.cache
+def warmed_up_ema_adam() -> type:
+    """Keras's Adam whose weight average (use_ema) warms up like TensorFlow's ExponentialMovingAverage with
+    num_updates: at step t it moves with momentum min(ema_momentum, (1 + t) / (10 + t)).
+
+    Keras averages with the full momentum from the first step, so after a few dozen steps its average is still
+    mostly the initial weights, and those are what is validated, kept and tested. The rule needs only the
+    optimizer's step count, which BackupAndRestore saves, so a resumed run averages exactly like one that was
+    not interrupted. Used for training only: the saved model carries a plain Adam (save_model).
+    """
+    keras = import_keras()
+    ops = keras.ops
+
+    class WarmedUpEMAAdam(keras.optimizers.Adam):
+        def _update_model_variables_moving_average(self, trainable_variables: list[Any]) -> None:
+            step = ops.cast(self.iterations, "float32")
+            momentum = ops.minimum(self.ema_momentum, (1 + step) / (EMA_WARM_UP + step))
+            for var, average in zip(trainable_variables, self._model_variables_moving_average, strict=True):
+                if average is not None:
+                    m = ops.cast(momentum, var.dtype)
+                    average.assign(m * average + (1 - m) * var)
+
+    return WarmedUpEMAAdam
 
 
 # =============================================================================
@@ -513,6 +542,7 @@ class TrainResult:
     precision: str = "float32"
     best_value: float | None = None    # BEST_MONITOR at best_epoch
     failed: str | None = None          # why the run failed (a Ray task that could not finish)
+    stopped_because: str | None = None  # why it ended before its last epoch: "diverged" or STALLED (stop_reason)
 
 
 def train_here(cfg: Config, arrays: Arrays) -> list[TrainResult]:
@@ -550,12 +580,15 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
     with distribution_scope(cfg.distribute):
         model = build_model(cfg, lr, steps_per_epoch=math.ceil(len(data.y_train) / cfg.batch_size))
     interrupted_by = None
+    stops_stalled = len(cfg.lrs) > 1  # a study stops its dead rates; a single run trains every epoch it was asked for
+    if stops_stalled and stalled(state.history):  # killed between the stalled epoch and the end of the run
+        state.finished = True
     if not state.finished:
         batches, start_epoch = epoch_streams(data.x_train, data.y_train, cfg.batch_size, seed, model,
                                              shift=cfg.shift, flip=cfg.flip)
         stops = stop_requests() if handle_signals else contextlib.nullcontext([])
         with stops as received:
-            callbacks = [run_callback(state, folder, start_epoch, received),  # first: see hooks before the others
+            callbacks = [run_callback(state, folder, start_epoch, received, stops_stalled),  # first: see hooks before the others
                          *([keras.callbacks.SwapEMAWeights()] if cfg.ema else []),  # validate the average
                          keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
                          keras.callbacks.TerminateOnNaN()]
@@ -569,7 +602,8 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
         shutil.rmtree(folder / "backup", ignore_errors=True)
     diverged = any(not math.isfinite(v) for key in ("loss", "val_loss") for v in state.history.get(key, []))
     return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, diverged, interrupted_by,
-                       seed=seed, precision=precision, best_value=state.best_value)
+                       seed=seed, precision=precision, best_value=state.best_value,
+                       stopped_because=None if interrupted_by else stop_reason(state.history, cfg.epochs))
 
 
 def fit(cfg: Config, model: Any, batches: Any, validation: tuple[np.ndarray, np.ndarray], callbacks: list[Any],
@@ -657,9 +691,11 @@ def augment_batch(images: Any, key: Any, shift: int, flip: bool) -> Any:
     return images
 
 
-def run_callback(state: RunState, folder: Path, start_epoch: Callable[[int], None], stop: list[int]) -> Any:
-    """The run's own Keras callback: keys each epoch's streams, stops on a signal, and after every epoch keeps
-    the best weights and saves the run's state (EarlyStopping(restore_best_weights) forgets them on resume).
+def run_callback(state: RunState, folder: Path, start_epoch: Callable[[int], None], stop: list[int],
+                 stops_stalled: bool) -> Any:
+    """The run's own Keras callback: keys each epoch's streams, stops on a signal (and, if stops_stalled, once the
+    run has stalled at chance level), and after every epoch keeps the best weights and saves the run's state
+    (EarlyStopping(restore_best_weights) forgets them on resume, and its patience counter too).
 
     The weights kept are those validation measured: with --ema, SwapEMAWeights (after this callback) has the
     average in the model from on_test_begin to on_test_end.
@@ -694,6 +730,8 @@ def run_callback(state: RunState, folder: Path, start_epoch: Callable[[int], Non
                 state.best_weights = self.validated_weights
             state.seconds = self.seconds_before + time.perf_counter() - self.started
             state.save(folder)
+            if stops_stalled and stalled(state.history):
+                self.model.stop_training = True
 
     return Run()
 
@@ -796,10 +834,7 @@ def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evalu
                       extra: dict[str, Any]) -> None:
     """Model, plots, history.csv and metrics.json of one run (extra: more fields for metrics.json)."""
     d = cfg.plots_dir
-    with atomic_path(cfg.model_path) as tmp:
-        result.model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as archive:  # Keras ignores the extra entry; --predict reads it
-            archive.writestr(MODEL_NOTES, json.dumps({"test_time_augmentation": test_time_augmentation(cfg)}))
+    save_model(cfg, result.model, cfg.model_path)
     plot_curves(result.history, "accuracy", result.best_epoch, d / "accuracy.png")
     plot_curves(result.history, "loss", result.best_epoch, d / "loss.png")
     plot_architecture(result.model, d / "architecture.png")
@@ -831,6 +866,22 @@ def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evalu
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count()},
     })
+
+
+def save_model(cfg: Config, model: Any, path: Path) -> None:
+    """The model as a .keras archive that plain keras.models.load_model reads (compiled with Keras's own Adam,
+    not the training-only warmed_up_ema_adam), plus the notes --predict needs."""
+    keras = import_keras()
+    trained_with = model.optimizer
+    inner = getattr(trained_with, "inner_optimizer", trained_with)  # float16 wraps it in a LossScaleOptimizer
+    if type(inner) is not keras.optimizers.Adam:
+        with distribution_scope(cfg.distribute):
+            model.compile(optimizer=keras.optimizers.Adam.from_config(inner.get_config()), loss=model.loss,
+                          metrics=["accuracy"])
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:  # Keras ignores the extra entry; --predict reads it
+            archive.writestr(MODEL_NOTES, json.dumps({"test_time_augmentation": test_time_augmentation(cfg)}))
 
 
 def pyplot() -> Any:
@@ -962,6 +1013,29 @@ STUDY_FIELDS = ("best_val_loss", "best_val_loss_epoch", "best_val_accuracy", "fi
 # A run whose best validation accuracy stays below this never learned (chance is 1/10): with too high a rate the
 # network can die at chance level without its loss ever becoming NaN, so "diverged" alone would not show it.
 STALLED_BELOW_ACCURACY = 1.5 / len(CLASS_NAMES)
+# A study stops a run whose last STALL_EPOCHS epochs were all at chance level: validation accuracy below that, and
+# validation loss no better than a uniform guess's, ln 10 (with or without label smoothing). A dead network sits
+# at or above it, while a slow starter's loss falls below it before its accuracy leaves chance. On the real data
+# lr 0.1 is dead from epoch 1 or 2 on, and every rate that learns is far above chance after one epoch
+# (docs/RESULTS.md); on the tests' synthetic data lr 0.0003 spends two epochs at chance and then learns.
+STALL_EPOCHS = 3
+CHANCE_LOSS = math.log(len(CLASS_NAMES)) - 0.005
+STALLED = "stalled at chance level"
+
+
+def stalled(history: dict[str, list[float]]) -> bool:
+    """Whether the run's last STALL_EPOCHS epochs were all at chance level (accuracy and loss)."""
+    recent = list(zip(history.get("val_accuracy", []), history.get("val_loss", []), strict=True))[-STALL_EPOCHS:]
+    return len(recent) == STALL_EPOCHS and all(acc < STALLED_BELOW_ACCURACY and not loss < CHANCE_LOSS
+                                               for acc, loss in recent)
+
+
+def stop_reason(history: dict[str, list[float]], epochs: int) -> str | None:
+    """Why a finished run ended before its last epoch ("diverged" or STALLED), or None if it did not."""
+    done = len(history.get("loss", []))
+    if any(not math.isfinite(v) for key in ("loss", "val_loss") for v in history.get(key, [])):
+        return "diverged"
+    return STALLED if done < epochs and stalled(history) else None
 
 
 def choose_rate(cfg: Config, runs: list[TrainResult]) -> list[TrainResult] | None:
@@ -998,9 +1072,12 @@ def study_row(result: TrainResult) -> dict[str, Any]:
         "final_val_loss": h["val_loss"][-1] if h.get("val_loss") else None,
         "final_val_accuracy": h["val_accuracy"][-1] if h.get("val_accuracy") else None,
         "epochs_completed": len(h.get("loss", [])),
+        "stopped_after_epoch": len(h.get("loss", [])) if result.stopped_because else None,
+        "stopped_because": result.stopped_because,
         "training_seconds": round(result.seconds, 2),
         "diverged": result.diverged,
         "failed": result.failed,
+        "history": h,
     }
 
 
@@ -1016,9 +1093,21 @@ def rate_row(lr: float, results: list[TrainResult]) -> dict[str, Any]:
     row["diverged"] = any(r["diverged"] for r in ok)
     acc = row["best_val_accuracy"]
     row["stalled_at_chance"] = not row["diverged"] and acc is not None and acc < STALLED_BELOW_ACCURACY
+    row["stopped"] = stop_note([r for r in ok if r["stopped_because"]], len(ok))
     row["failed_runs"] = len(runs) - len(ok)
     row["runs"] = runs
     return row
+
+
+def stop_note(stopped: list[dict[str, Any]], runs: int) -> str | None:
+    """The study's words for the runs of one rate that ended early: "stopped after epoch 3: stalled at chance
+    level", with the seeds' epochs and a count when they differ or not every seed stopped."""
+    if not stopped:
+        return None
+    epochs = "/".join(str(e) for e in sorted({r["stopped_after_epoch"] for r in stopped}))
+    reasons = " / ".join(sorted({r["stopped_because"] for r in stopped}))
+    seeds = f" ({len(stopped)} of {runs} seeds)" if len(stopped) < runs else ""
+    return f"stopped after epoch {epochs}: {reasons}{seeds}"
 
 
 def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -1037,8 +1126,10 @@ def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None
               f"{'final val loss':>17} {'final val acc':>17} {'seconds':>8}  status")]
     for r in rows:
         status = "diverged" if r["diverged"] else ("recommended" if r is chosen else "")
-        if r["stalled_at_chance"]:
-            status = f"{status} stalled at chance level".strip()
+        if r["stopped"]:
+            status = r["stopped"] if r["diverged"] else f"{status} {r['stopped']}"
+        elif r["stalled_at_chance"]:
+            status = f"{status} {STALLED}"
         if r["failed_runs"]:
             status += f" ({r['failed_runs']} run(s) failed)"
         lines.append(f"{r['lr']:>10g} {cell(r, 'best_val_loss', '.4f'):>17} {cell(r, 'best_val_loss_epoch', 'g'):>10} "
@@ -1048,34 +1139,68 @@ def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None
 
 
 def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
-    """Training (dashed) and validation (solid) loss per epoch for every rate; error bars are the std over seeds."""
-    from matplotlib.ticker import MaxNLocator
+    """Validation loss (left, training loss dashed) and validation accuracy (right) per epoch for every rate, with
+    the std over seeds as error bars.
+
+    The axes fit the rates that learn: a dead rate's first-epoch loss (about 30 for lr 0.1) would squash the
+    others' curves into one line. A rate that diverged or stalled is drawn dotted, held at the edge where it
+    leaves the axes, and ends with an x where the study stopped it.
+    """
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (lr, results) in enumerate(by_rate.items()):
-        ok = [r for r in results if r.failed is None]
-        if not ok:
-            continue
-        row = rate_row(lr, ok)
-        color, diverged = f"C{i}", row["diverged"]
-        label = f"lr {lr:g}" + (" (diverged)" if diverged else " (stalled at chance)" if row["stalled_at_chance"] else "")
-        val_mean, val_std = mean_curve(ok, "val_loss")
-        train_mean, _ = mean_curve(ok, "loss")
-        epochs = np.arange(1, len(val_mean) + 1)
-        ax.errorbar(epochs, val_mean, yerr=val_std if len(ok) > 1 else None, fmt="-o", color=color, markersize=3,
-                    capsize=3, label=f"{label} validation")
-        ax.plot(epochs, train_mean, "--", color=color, label=f"{label} training")
-        if diverged:
-            ax.plot([len(epochs)], [ax.get_ylim()[1]], "x", color=color, markersize=10)
-    seeds = max((len(rs) for rs in by_rate.values()), default=1)
-    note = f"; mean ± std over {seeds} seeds" if seeds > 1 else ""
-    ax.set(xlabel="epoch", ylabel="loss (cross-entropy)", yscale="log",
-           title=f"Effect of the learning rate (solid: validation, dashed: training{note})")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 5))
+    rates = [(ok, rate_row(lr, ok)) for lr, results in by_rate.items()
+             if (ok := [r for r in results if r.failed is None])]
+    for ax, keys in ((loss_ax, ("val_loss", "loss")), (acc_ax, ("val_accuracy",))):
+        learning = [mean_curve(ok, key)[0] for ok, row in rates if not did_not_learn(row) for key in keys]
+        limits = axis_limits(learning or [mean_curve(ok, keys[0])[0] for ok, _ in rates])
+        for i, (ok, row) in enumerate(rates):
+            draw_rate(ax, ok, row, keys, f"C{i}", limits)
+        ax.set_ylim(*limits)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    seeds = max((len(ok) for ok, _ in rates), default=1)
+    spread = f"; mean ± std over {seeds} seeds" if seeds > 1 else ""
+    loss_ax.set(ylabel="loss (cross-entropy)", title=f"Loss (solid: validation, dashed: training{spread})")
+    acc_ax.set(ylabel="validation accuracy", title="Validation accuracy (x: the study stopped the run there)")
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    acc_ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Effect of the learning rate (dotted: rates that did not learn, held at the axes' edge)")
     save_figure(fig, path)
+
+
+def did_not_learn(row: dict[str, Any]) -> bool:
+    """Whether a study row's rate diverged or stalled at chance level."""
+    return row["diverged"] or row["stalled_at_chance"]
+
+
+def draw_rate(ax: Any, runs: list[TrainResult], row: dict[str, Any], keys: tuple[str, ...], color: str,
+              limits: tuple[float, float]) -> None:
+    """One rate's mean curve of keys[0] (and, dashed, of keys[1:]) on ax; a rate that did not learn dotted and
+    clipped to limits, with an x at the epoch where it was stopped."""
+    dead = did_not_learn(row)
+    note = row["stopped"] or ("diverged" if row["diverged"] else STALLED if row["stalled_at_chance"] else "")
+    mean, std = mean_curve(runs, keys[0])
+    shown = np.clip(mean, *limits) if dead else mean
+    epochs = np.arange(1, len(mean) + 1)
+    ax.errorbar(epochs, shown, yerr=std if len(runs) > 1 and not dead else None, fmt=":" if dead else "-o",
+                color=color, markersize=3, capsize=3, label=f"lr {row['lr']:g}" + (f" ({note})" if note else ""))
+    for key in () if dead else keys[1:]:
+        ax.plot(epochs, mean_curve(runs, key)[0][:len(epochs)], "--", color=color)
+    if row["stopped"] and len(shown):
+        ax.plot(epochs[-1], shown[-1], "x", color=color, markersize=11, markeredgewidth=2)
+
+
+def axis_limits(curves: list[np.ndarray]) -> tuple[float, float]:
+    """Limits that hold every finite value of these curves, with a margin of 5% of their range."""
+    values = np.concatenate([c[np.isfinite(c)] for c in curves] or [np.zeros(0)])
+    if not len(values):
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+    return low - margin, high + margin
 
 
 def mean_curve(results: list[TrainResult], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -1743,7 +1868,8 @@ def result_from_task(cfg: Config, lr: float, seed: int, out: dict[str, Any]) -> 
         model = build_model(cfg, lr, out["steps_per_epoch"])
         model.set_weights(out["weights"])
     return TrainResult(model, lr, out["history"], out["best_epoch"], out["seconds"], out["diverged"],
-                       seed=seed, precision=out["precision"], best_value=out["best_value"])
+                       seed=seed, precision=out["precision"], best_value=out["best_value"],
+                       stopped_because=stop_reason(out["history"], cfg.epochs))
 
 
 def train_on_ray(cfg: Config, task: Any = ray_task) -> list[TrainResult]:

@@ -296,11 +296,14 @@ def train_and_report(cfg: Config) -> int:
     check_writable(cfg.plots_dir, cfg.model_path.parent)
     if cfg.ray:
         check_ray_reachable(cfg.ray)
+    else:
+        check_memory(cfg, available_memory())
     arrays = load_arrays(cfg)
     data = split_data(arrays, cfg, cfg.seed)
     print(f"Data: {len(data.y_train)} training, {len(data.y_val)} validation, {len(data.y_test)} test images")
-    runs = train_on_ray(cfg) if cfg.ray else train_here(cfg, arrays)
-    return report(cfg, arrays, runs)
+    with out_of_memory_as_error():
+        runs = train_on_ray(cfg) if cfg.ray else train_here(cfg, arrays)
+        return report(cfg, arrays, runs)
 
 
 def report(cfg: Config, arrays: Arrays, runs: list[TrainResult]) -> int:
@@ -467,6 +470,46 @@ def conv_sides(kernel_size: int, padding: str) -> tuple[int, int]:
         sides.append(side)
         side //= 2
     return sides[0], sides[1]
+
+
+def parameter_count(cfg: Config) -> int:
+    """The network's number of weights, as build_model makes it."""
+    k, f, d = cfg.kernel_size, cfg.filters, cfg.dense_units
+    flat = (conv_sides(k, cfg.padding)[1] // 2) ** 2 * f
+    return (k * k * f + f) + (k * k * f * f + f) + (flat * d + d) + (d * len(CLASS_NAMES) + len(CLASS_NAMES))
+
+
+def training_memory(cfg: Config) -> dict[str, int]:
+    """Bytes that training the network needs, roughly, by what holds them (float32 throughout)."""
+    weights = 4 * parameter_count(cfg)
+    side1, side2 = conv_sides(cfg.kernel_size, cfg.padding)
+    per_image = cfg.filters * (side1**2 + (side1 // 2) ** 2 + side2**2 + (side2 // 2) ** 2) + cfg.dense_units
+    return {
+        "weights and gradients": weights * 2,
+        "optimizer state": weights * 2,  # Adam's two moments
+        "the average": weights if cfg.ema else 0,
+        "copies kept": weights * 2,  # the best epoch's weights and the last validated ones (run_callback)
+        "activations of one batch": 4 * per_image * cfg.batch_size * 3,  # outputs, their gradients, dropout masks
+    }
+
+
+def check_memory(cfg: Config, available: int | None) -> None:
+    """Refuse, before any training, a network that needs more memory than the machine has."""
+    need = training_memory(cfg)
+    if available is None or sum(need.values()) <= available:
+        return
+    sizes = {"filters": "--filters", "dense_units": "--dense-units", "batch_size": "--batch-size",
+             "kernel_size": "--kernel-size"}
+    defaults = Config()
+    flags = [f"{flag} {getattr(cfg, key)}" for key, flag in sizes.items() if getattr(cfg, key) != getattr(defaults, key)]
+    parts = ", ".join(f"{what} {gigabytes(size)}" for what, size in need.items() if size)
+    raise UserError(f"{' '.join(flags) or 'this network'} needs about {gigabytes(sum(need.values()))} of memory to "
+                    f"train ({parts}); this machine has {gigabytes(available)} available. Use smaller sizes")
+
+
+def gigabytes(size: float) -> str:
+    """A byte count for people: '1.2 GB', '0.004 GB'."""
+    return f"{size / 1e9:,.{1 if size >= 1e8 else 3}f} GB"
 
 
 def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
@@ -876,8 +919,9 @@ def save_model(cfg: Config, model: Any, path: Path) -> None:
     inner = getattr(trained_with, "inner_optimizer", trained_with)  # float16 wraps it in a LossScaleOptimizer
     if type(inner) is not keras.optimizers.Adam:
         with distribution_scope(cfg.distribute):
-            model.compile(optimizer=keras.optimizers.Adam.from_config(inner.get_config()), loss=model.loss,
-                          metrics=["accuracy"])
+            adam = keras.optimizers.Adam.from_config({**inner.get_config(), "name": "adam"})
+            adam.build(model.trainable_variables)  # else loading it warns that its variables are missing
+            model.compile(optimizer=adam, loss=model.loss, metrics=["accuracy"])
     with atomic_path(path) as tmp:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:  # Keras ignores the extra entry; --predict reads it
@@ -1714,6 +1758,38 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # oneDNN runs bfloat16 convolutions fast only with these
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: the system's available memory, within a container's limit;
+    None where the OS does not say."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text(encoding="ascii")
+        free = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit, used = (cgroup / "memory.max").read_text().strip(), (cgroup / "memory.current").read_text()
+        if limit != "max":
+            free = min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error() -> Iterator[None]:
+    """An out-of-memory error from TensorFlow or NumPy as one line (nothing is written by a run that fails)."""
+    tf = import_tensorflow()
+    try:
+        yield
+    except (MemoryError, tf.errors.ResourceExhaustedError) as e:
+        raise UserError(f"out of memory ({first_line(e)[:200]}); nothing was written. Use a smaller --filters, "
+                        "--dense-units or --batch-size") from None
 
 
 def cpu_flags() -> set[str]:

@@ -235,3 +235,81 @@ def test_unreachable_ray_cluster_fails_at_once(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_weight_average_of_a_short_run_is_as_accurate_as_the_raw_weights(tmp_path: Path, data_dir: Path) -> None:
+    """40 steps: without a warm-up the average would still be mostly the initial weights (26% against 68% here)."""
+    def validation_accuracy(ema: str) -> float:
+        plots = tmp_path / f"ema{ema}"
+        ran = call_main("--data-dir", data_dir, "--plots-dir", plots, "--model-path", tmp_path / f"ema{ema}.keras",
+                        *TINY, "--limit", "1280", "--ema", ema, "--no-tta")
+        assert ran.returncode == 0, ran.stderr
+        return json.loads((plots / "metrics.json").read_text())["validation_accuracy"]
+
+    raw = validation_accuracy("0")
+    assert raw > 0.5, "the raw weights learn something in 40 steps"
+    assert validation_accuracy("0.99") >= raw
+
+
+def test_the_average_warms_up_then_keeps_its_momentum() -> None:
+    """One update from an average of 0 towards a weight of 1 leaves 1 - momentum."""
+    import keras
+
+    optimizer = cnn.warmed_up_ema_adam()(0.0, use_ema=True, ema_momentum=0.99)
+    weight = keras.Variable(np.ones(1, np.float32))
+    optimizer.build([weight])
+
+    def momentum_at(step: int) -> float:
+        optimizer._model_variables_moving_average[0].assign([0.0])
+        optimizer.iterations.assign(step)
+        optimizer._update_model_variables_moving_average([weight])
+        return 1 - float(optimizer._model_variables_moving_average[0].numpy()[0])
+
+    assert momentum_at(0) == pytest.approx(0.1)
+    assert momentum_at(10) == pytest.approx(11 / 20)
+    assert momentum_at(500) == pytest.approx(501 / 510)
+    assert momentum_at(2000) == pytest.approx(0.99), "past step 890 the plain momentum again"
+
+
+def test_the_saved_model_loads_in_plain_keras(trained: dict) -> None:
+    import keras
+
+    model = keras.models.load_model(trained["model"])
+    assert type(model.optimizer) is keras.optimizers.Adam
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--filters", "60000"], "--filters 60000"),
+    (["--dense-units", "3000000", "--filters", "64"], "--filters 64 --dense-units 3000000"),
+    (["--batch-size", "1000000"], "--batch-size 1000000"),
+])
+def test_a_network_too_big_for_the_memory_is_refused_in_one_line_before_training(
+        tmp_path: Path, data_dir: Path, flags: list[str], named: str) -> None:
+    proc = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras",
+                   "--epochs", "1", *flags)
+    assert proc.returncode == 1
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith(f"error: {named} needs about "), line
+    for part in ("weights and gradients", "optimizer state", "the average", "activations of one batch",
+                 "available"):
+        assert part in line
+    assert "Epoch" not in proc.stdout and not (tmp_path / "m.keras").exists()
+    assert not (tmp_path / "p" / "metrics.json").exists()
+
+
+def test_the_memory_check_passes_the_default_network_and_names_what_it_counts() -> None:
+    default = cnn.parse_args([])
+    need = cnn.training_memory(default)
+    assert sum(need.values()) < 1e9, "the default network trains in well under a gigabyte"
+    assert need["weights and gradients"] == 8 * cnn.parameter_count(default)
+    cnn.check_memory(default, available=2 * 10**9)
+    with pytest.raises(cnn.UserError, match=r"^this network needs about .* has 0.1 GB available"):
+        cnn.check_memory(default, available=10**8)
+
+
+@pytest.mark.parametrize("flags", [[], ["--filters", "7", "--dense-units", "5", "--kernel-size", "5", "--padding",
+                                        "valid"]])
+def test_the_parameter_count_is_the_one_keras_builds(flags: list[str]) -> None:
+    cfg = cnn.parse_args(flags)
+    assert cnn.parameter_count(cfg) == cnn.build_model(cfg, 0.001, steps_per_epoch=1).count_params()

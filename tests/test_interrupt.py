@@ -173,6 +173,40 @@ def test_interrupted_study_resumes_without_retraining_finished_runs(tmp_path: Pa
     assert not (tmp_path / ".m.resume").exists()
 
 
+@pytest.mark.slow
+def test_a_resumed_study_with_a_stopped_rate_ends_like_an_uninterrupted_one(tmp_path: Path, data_dir: Path) -> None:
+    """Also when the kill came after the stalled rate's last epoch was saved but before its run was closed."""
+    from test_study_predict import DEAD_AND_SLOW
+
+    def flags(folder: Path) -> list[str]:
+        return ["--data-dir", str(data_dir), "--plots-dir", str(folder / "plots"),
+                "--model-path", str(folder / "m.keras"), *DEAD_AND_SLOW]
+
+    straight = call_main(*flags(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    proc = start_cli(*flags(tmp_path / "run"))
+    wait_for_line(proc, "Run 2 of 2")
+    wait_for_line(proc, "Epoch 2/4")
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    state_file = tmp_path / "run" / ".m.resume" / "lr3-seed0" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["finished"] and len(state["history"]["loss"]) == 3
+    state_file.write_text(json.dumps({**state, "finished": False}))  # as if killed before the run was closed
+    resumed = call_main(*flags(tmp_path / "run"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.split("Run 2 of 2")[0].count("Epoch ") == 0, "the stopped rate trains no more"
+    rows = {name: json.loads((tmp_path / name / "plots" / "lr_study.json").read_text())["rates"]
+            for name in ("straight", "run")}
+    for again, first in zip(rows["run"], rows["straight"], strict=True):
+        assert again["stopped"] == first["stopped"] and again["epochs_completed"] == first["epochs_completed"]
+        for key in ("loss", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose(again["runs"][0]["history"][key], first["runs"][0]["history"][key],
+                                       rtol=1e-5, err_msg=key)
+    assert rows["run"][0]["stopped"] == "stopped after epoch 3: stalled at chance level"
+
+
 def test_every_epoch_gets_its_own_batch_order_and_dropout_masks() -> None:
     """fit(shuffle=True) with a seed set gives the same order every epoch; the epoch streams must not."""
     import keras

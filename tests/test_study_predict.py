@@ -69,6 +69,84 @@ def test_a_rate_stuck_at_chance_is_called_stalled_not_healthy(tmp_path: Path) ->
     assert (tmp_path / "lr_study.png").read_bytes()[:4] == b"\x89PNG"
 
 
+# On the synthetic data, lr 3 is dead from the first epoch (10-12% validation accuracy, loss at or above ln 10),
+# and lr 0.0003 spends two epochs at chance before it learns (val acc 12%, 13%, then 16%, 26%; loss 2.31, 2.30,
+# then 2.29): a slow starter.
+DEAD_AND_SLOW = [*TINY, "--epochs", "4", "--schedule", "constant", "--lr", "3", "0.0003"]
+
+
+@pytest.mark.slow
+def test_a_study_stops_a_rate_stalled_at_chance_and_lets_a_slow_starter_learn(tmp_path: Path, data_dir: Path) -> None:
+    plots = tmp_path / "plots"
+    ran = call_main("--data-dir", data_dir, "--plots-dir", plots, "--model-path", tmp_path / "m.keras", *DEAD_AND_SLOW)
+    assert ran.returncode == 0, ran.stderr
+    study = json.loads((plots / "lr_study.json").read_text())
+    dead, slow = study["rates"]
+    assert dead["stopped"] == "stopped after epoch 3: stalled at chance level"
+    assert dead["epochs_completed"] == 3 and len(dead["runs"][0]["history"]["val_accuracy"]) == 3
+    assert dead["runs"][0]["stopped_after_epoch"] == 3 and dead["runs"][0]["stopped_because"] == cnn.STALLED
+    assert slow["stopped"] is None and slow["epochs_completed"] == 4
+    assert slow["runs"][0]["stopped_after_epoch"] is None and slow["runs"][0]["stopped_because"] is None
+    assert study["recommended_lr"] == 0.0003
+    table = ran.stdout[ran.stdout.index("best val loss"):].splitlines()
+    assert table[1].split()[0] == "3" and table[1].endswith("stopped after epoch 3: stalled at chance level")
+    assert table[2].split()[0] == "0.0003" and table[2].endswith("recommended")
+    assert ran.stdout.count("Epoch 4/4") == 1, "only the slow starter trains its fourth epoch"
+
+
+@pytest.mark.slow
+def test_a_single_run_at_chance_trains_every_epoch(tmp_path: Path, data_dir: Path) -> None:
+    ran = call_main("--data-dir", data_dir, "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras",
+                    *TINY, "--epochs", "4", "--schedule", "constant", "--lr", "3")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads((tmp_path / "p" / "metrics.json").read_text())["epochs_completed"] == 4
+
+
+@pytest.mark.parametrize(("val_accuracy", "val_loss", "stops"), [
+    ([0.10, 0.11, 0.10], [2.33, 2.31, 2.3026], True),      # dead from the start
+    ([0.85, 0.10, 0.10, 0.10], [0.5, 2.4, 2.31, 2.31], True),  # learned, then died
+    ([0.10, 0.10], [2.31, 2.31], False),                   # too early to tell
+    ([0.10, 0.12, 0.14], [2.31, 2.30, 2.29], False),       # slow starter: its loss has left chance
+    ([0.10, 0.12, 0.20], [2.31, 2.31, 2.31], False),       # slow starter: its accuracy has left chance
+])
+def test_stalled_means_accuracy_and_loss_at_chance_for_three_epochs(val_accuracy: list[float], val_loss: list[float],
+                                                                   stops: bool) -> None:
+    assert cnn.stalled({"val_accuracy": val_accuracy, "val_loss": val_loss}) is stops
+    history = {"loss": val_loss, "val_accuracy": val_accuracy, "val_loss": val_loss}
+    assert cnn.stop_reason(history, epochs=20) == (cnn.STALLED if stops else None)
+    assert cnn.stop_reason(history, epochs=len(val_loss)) is None, "a run that did every epoch was not stopped"
+
+
+def test_the_study_figure_fits_the_rates_that_learn(tmp_path: Path) -> None:
+    """lr 0.1's first-epoch loss of 34 must not set the loss axis, nor its 10% the accuracy axis."""
+    def run(lr: float, val_acc: list[float], val_loss: list[float], loss: list[float],
+            stopped: str | None = None) -> cnn.TrainResult:
+        history = {"loss": loss, "val_loss": val_loss, "accuracy": val_acc, "val_accuracy": val_acc}
+        return cnn.TrainResult(None, lr, history, 1, 1.0, stopped_because=stopped)
+
+    by_rate = {0.1: [run(0.1, [0.1, 0.1, 0.1], [2.3028, 2.3028, 2.3027], [34.2, 2.31, 2.31], cnn.STALLED)],
+               0.01: [run(0.01, [0.88, 0.90, 0.91, 0.92], [0.76, 0.70, 0.68, 0.66], [0.9, 0.72, 0.69, 0.66])],
+               0.001: [run(0.001, [0.86, 0.90, 0.92, 0.93], [0.82, 0.71, 0.66, 0.63], [1.1, 0.8, 0.7, 0.62])]}
+    import matplotlib.pyplot as plt
+
+    saved = {}
+    real_save = cnn.save_figure
+    cnn.save_figure = lambda fig, path: saved.setdefault("fig", fig)
+    try:
+        cnn.plot_study(by_rate, tmp_path / "lr_study.png")
+    finally:
+        cnn.save_figure = real_save
+    loss_ax, acc_ax = saved["fig"].axes
+    assert loss_ax.get_ylim()[1] < 1.2 and loss_ax.get_ylim()[0] > 0.5
+    assert acc_ax.get_ylim()[0] > 0.8 and acc_ax.get_ylim()[1] < 0.95
+    labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    assert labels[0] == "lr 0.1 (stopped after epoch 3: stalled at chance level)"
+    dead_line = acc_ax.lines[0]
+    assert len(dead_line.get_xdata()) == 3, "the stopped rate's curve ends where it stopped"
+    assert min(dead_line.get_ydata()) == pytest.approx(acc_ax.get_ylim()[0]), "held at the axis' edge"
+    plt.close(saved["fig"])
+
+
 def save_image(path: Path, image: Image.Image, **options: object) -> Path:
     image.save(path, **options)
     return path

@@ -192,7 +192,7 @@ def test_a_resumed_study_with_a_stopped_rate_ends_like_an_uninterrupted_one(tmp_
     assert proc.returncode == 130
     state_file = tmp_path / "run" / ".m.resume" / "lr3-seed0" / "state.json"
     state = json.loads(state_file.read_text())
-    assert state["finished"] and len(state["history"]["loss"]) == 3
+    assert state["finished"] and len(state["history"]["loss"]) == 2
     state_file.write_text(json.dumps({**state, "finished": False}))  # as if killed before the run was closed
     resumed = call_main(*flags(tmp_path / "run"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -204,7 +204,7 @@ def test_a_resumed_study_with_a_stopped_rate_ends_like_an_uninterrupted_one(tmp_
         for key in ("loss", "val_loss", "val_accuracy"):
             np.testing.assert_allclose(again["runs"][0]["history"][key], first["runs"][0]["history"][key],
                                        rtol=1e-5, err_msg=key)
-    assert rows["run"][0]["stopped"] == "stopped after epoch 3: stalled at chance level"
+    assert rows["run"][0]["stopped"] == "stopped after epoch 2: stalled at chance level"
 
 
 def test_every_epoch_gets_its_own_batch_order_and_dropout_masks() -> None:

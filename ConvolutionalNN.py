@@ -501,7 +501,8 @@ def check_memory(cfg: Config, available: int | None) -> None:
     sizes = {"filters": "--filters", "dense_units": "--dense-units", "batch_size": "--batch-size",
              "kernel_size": "--kernel-size"}
     defaults = Config()
-    flags = [f"{flag} {getattr(cfg, key)}" for key, flag in sizes.items() if getattr(cfg, key) != getattr(defaults, key)]
+    flags = [f"{flag} {getattr(cfg, key)}" for key, flag in sizes.items()
+             if getattr(cfg, key) != getattr(defaults, key)]
     parts = ", ".join(f"{what} {gigabytes(size)}" for what, size in need.items() if size)
     raise UserError(f"{' '.join(flags) or 'this network'} needs about {gigabytes(sum(need.values()))} of memory to "
                     f"train ({parts}); this machine has {gigabytes(available)} available. Use smaller sizes")
@@ -623,7 +624,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
     with distribution_scope(cfg.distribute):
         model = build_model(cfg, lr, steps_per_epoch=math.ceil(len(data.y_train) / cfg.batch_size))
     interrupted_by = None
-    stops_stalled = len(cfg.lrs) > 1  # a study stops its dead rates; a single run trains every epoch it was asked for
+    stops_stalled = len(cfg.lrs) > 1  # a study stops its dead rates; a single run trains every epoch asked for
     if stops_stalled and stalled(state.history):  # killed between the stalled epoch and the end of the run
         state.finished = True
     if not state.finished:
@@ -631,7 +632,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
                                              shift=cfg.shift, flip=cfg.flip)
         stops = stop_requests() if handle_signals else contextlib.nullcontext([])
         with stops as received:
-            callbacks = [run_callback(state, folder, start_epoch, received, stops_stalled),  # first: see hooks before the others
+            callbacks = [run_callback(state, folder, start_epoch, received, stops_stalled),  # first: sees hooks first
                          *([keras.callbacks.SwapEMAWeights()] if cfg.ema else []),  # validate the average
                          keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
                          keras.callbacks.TerminateOnNaN()]
@@ -1070,7 +1071,7 @@ STALLED = "stalled at chance level"
 
 def stalled(history: dict[str, list[float]]) -> bool:
     """Whether the run's last STALL_EPOCHS epochs were all at chance level (accuracy and loss)."""
-    recent = list(zip(history.get("val_accuracy", []), history.get("val_loss", []), strict=True))[-STALL_EPOCHS:]
+    recent = list(zip(history.get("val_accuracy", []), history.get("val_loss", []), strict=False))[-STALL_EPOCHS:]
     return len(recent) == STALL_EPOCHS and all(acc < STALLED_BELOW_ACCURACY and not loss < CHANCE_LOSS
                                                for acc, loss in recent)
 
@@ -1316,8 +1317,9 @@ ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
 
 def predict(cfg: Config) -> int:
     """Classify each image (averaging over test-time copies if the model was trained with --tta); print top-3
-    classes (or JSON); exit 1 if any file failed."""
+    classes (or JSON) and draw what the network saw under --plots-dir; exit 1 if any file failed."""
     model, tta = load_trained_model(cfg.model_path)
+    check_writable(cfg.plots_dir / "predict")
     decoded, failed = [], 0
     for path in image_files(cfg.predict):
         try:
@@ -1625,9 +1627,10 @@ def overlaps(part: tuple[slice, slice], main: tuple[slice, slice], reach: float 
 
 
 def stretch_contrast(item: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The item's contrast scaled so that its brightest 1% reach 255, as most Fashion-MNIST items do."""
+    """The item's contrast scaled so that its brightest 1% reach 255, as most Fashion-MNIST items do; a picture
+    where nothing stands out from the background stays as faint as it is."""
     top = float(np.percentile(item[mask], 99)) if mask.any() else 0.0
-    return np.clip(item * (255 / top), 0, 255) if top > 0 else item
+    return np.clip(item * (255 / top), 0, 255) if top > TRIM_LEVEL else item
 
 
 def fit_to_frame(item: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -84,8 +84,8 @@ def lighting(hw: tuple[int, int], rng: np.random.Generator, vignette: float) -> 
     return (gradient * (1 - vignette * (x * x + y * y) * 2))[..., None]
 
 
-def render(image: np.ndarray, kind: str, rng: np.random.Generator) -> Image.Image:
-    """One 28x28 Fashion-MNIST image as a photo of the given kind."""
+def render(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, ...]]:
+    """One 28x28 Fashion-MNIST image as a photo of the given kind, and the item's box (left, top, right, bottom)."""
     w, h = CANVAS
     hw = (h, w)
     fill = {"far": rng.uniform(0.25, 0.4), "shop": rng.uniform(0.6, 0.75)}.get(kind, rng.uniform(0.75, 0.92))
@@ -126,7 +126,8 @@ def render(image: np.ndarray, kind: str, rng: np.random.Generator) -> Image.Imag
     picture = Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8))
     if kind == "shop":
         decorate_shop(picture, rng, (top, left, side))
-    return picture
+    rows, cols = np.flatnonzero((coverage > 0.05).any(axis=1)), np.flatnonzero((coverage > 0.05).any(axis=0))
+    return picture, (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
 def decorate_shop(picture: Image.Image, rng: np.random.Generator, item: tuple[int, int, int]) -> None:
@@ -161,19 +162,30 @@ def images_of(data_dir: Path, split: str, count: int) -> tuple[np.ndarray, np.nd
     return data.x_val[:count, :, :, 0], data.y_val[:count]
 
 
-def write_pictures(images: np.ndarray, folder: Path) -> dict[str, str]:
-    """Every kind of photo of every image (kind_NNNNN.jpg) and each image as a 28x28 PNG (arrays/NNNNN.png)."""
+def write_pictures(images: np.ndarray, folder: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Every kind of photo of every image (kind_NNNNN.jpg) and each image as a 28x28 PNG (arrays/NNNNN.png);
+    each photo's kind and item box."""
     rng = np.random.default_rng(0)
-    kinds = {}
+    kinds, boxes = {}, {}
     (folder / "arrays").mkdir()
     (folder / "photos").mkdir()
     for number, image in enumerate(images):
         Image.fromarray(image).save(folder / "arrays" / f"{number:05d}.png")
         for kind in KINDS:
             name = f"{kind}_{number:05d}.jpg"
-            render(image, kind, rng).save(folder / "photos" / name, quality=int(rng.integers(75, 95)))
+            picture, boxes[name] = render(image, kind, rng)
+            picture.save(folder / "photos" / name, quality=int(rng.integers(75, 95)))
             kinds[name] = kind
-    return kinds
+    return kinds, boxes
+
+
+def overlap(a: tuple[int, ...] | None, b: tuple[int, ...]) -> float:
+    """Intersection over union of two boxes (left, top, right, bottom); 0 for no box."""
+    if a is None:
+        return 0.0
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0) * max(h, 0)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def classify(model: Path, folder: Path, plots: Path) -> dict[str, dict]:
@@ -185,8 +197,9 @@ def classify(model: Path, folder: Path, plots: Path) -> dict[str, dict]:
     return {Path(r["file"]).name: r for r in json.loads(done.stdout)}
 
 
-def report(model: Path, folder: Path, kinds: dict[str, str], labels: np.ndarray) -> None:
-    """Print the accuracy per kind, on all photos and on the arrays."""
+def report(model: Path, folder: Path, kinds: dict[str, str], boxes: dict[str, tuple[int, ...]],
+           labels: np.ndarray) -> None:
+    """Print the accuracy per kind, on all photos and on the arrays, and how often the crop was the item's."""
     photos = classify(model, folder / "photos", folder / "seen")
     arrays = classify(model, folder / "arrays", folder / "seen-arrays")
 
@@ -194,12 +207,12 @@ def report(model: Path, folder: Path, kinds: dict[str, str], labels: np.ndarray)
         return result["class"] == CLASS_NAMES[labels[int(Path(name).stem.split("_")[-1])]]
 
     print(f"{model}: {len(labels)} images per kind")
-    print(f"  {'kind':<8} {'right':>7}  {'no item found':>13}")
+    print(f"  {'kind':<8} {'right':>7}  {'crop on the item (IoU >= 0.8)':>30}")
     for kind in KINDS:
         mine = [(n, r) for n, r in photos.items() if kinds[n] == kind]
         hits = np.mean([right(n, r) for n, r in mine])
-        lost = np.mean([not r["item_found"] for _, r in mine])
-        print(f"  {kind:<8} {hits:>7.1%}  {lost:>13.1%}")
+        cropped = np.mean([overlap(r["crop_box"], boxes[n]) >= 0.8 for n, r in mine])
+        print(f"  {kind:<8} {hits:>7.1%}  {cropped:>30.1%}")
     print(f"  {'photos':<8} {np.mean([right(n, r) for n, r in photos.items()]):>7.1%}")
     print(f"  {'arrays':<8} {np.mean([right(n, r) for n, r in arrays.items()]):>7.1%}  (the same images, 28x28)")
 
@@ -256,9 +269,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=args.keep is None)
-        kinds = write_pictures(images, folder)
+        kinds, boxes = write_pictures(images, folder)
         for model in args.models:
-            report(model, folder, kinds, labels)
+            report(model, folder, kinds, boxes, labels)
             if args.orientation:
                 orientation_table(model, folder, kinds, labels, args.data_dir)
     return 0

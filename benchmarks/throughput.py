@@ -16,6 +16,7 @@ validation images), for --repeats rounds, so that machine noise hits them alike.
                   the model, epoch streams with 1-pixel shifts, EMA, label smoothing, oneDNN on, --precision auto
   program-no-levers  the same without the default's levers (no EMA, label smoothing or shifts): what they cost
   program-bf16    the program's path in mixed bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
+  program-float32 the program's path in float32 (what --precision auto gains where it picks bfloat16)
 
 Prints, per variant, the median seconds per epoch (training and validation), the images/s that makes (48,000
 training images over the whole epoch), the ratio to keras-float32, and the fraction of this machine's matmul
@@ -52,6 +53,7 @@ VARIANTS = {  # name: (environment it needs, precision, program's path?, extra f
     "program": ({}, "auto", True, []),
     "program-no-levers": ({}, "auto", True, NO_LEVERS),
     "program-bf16": ({}, "bfloat16", True, []),
+    "program-float32": ({}, "float32", True, []),
 }
 DEFAULT_VARIANTS = ["keras-float32", "program-eigen", "program", "program-no-levers"]
 

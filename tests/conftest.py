@@ -34,7 +34,8 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 # A small, fast network and run for CLI tests.
-TINY = ["--filters", "4", "--dense-units", "16", "--limit", "640", "--batch-size", "32", "--epochs", "1", "--lr", "0.01"]
+TINY = ["--filters", "4", "--dense-units", "16", "--limit", "640", "--batch-size", "32", "--epochs", "1",
+        "--lr", "0.01"]
 # The shared trained model: enough images that it learns the synthetic classes (validation accuracy 1.0).
 TRAINED = [*TINY, "--limit", "3200", "--epochs", "2"]
 
@@ -93,6 +94,12 @@ def write_dataset(folder: Path) -> dict[str, np.ndarray]:
     for key, name in FILES.items():
         write_idx_gz(folder / name, arrays[key])
     return arrays
+
+
+@pytest.fixture(autouse=True)
+def run_in_a_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own folder, so that default outputs (plots/, models/) never land in the repo."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,13 @@ import pytest
 import ConvolutionalNN as cnn
 from conftest import REPO, SIGNALS_AND_CLUSTER, TINY, TRAINED, call_main
 
-STUDY = [*TINY, "--lr", "0.01", "0.003", "--seeds", "0", "1"]
+STUDY = [*TINY, "--epochs", "3", "--lr", "3", "0.01", "0.003", "--seeds", "0", "1"]  # lr 3 stalls at chance
 RUN_KEYS = ("best_val_loss", "best_val_accuracy", "final_val_loss", "epochs_completed")
 
 
 @pytest.fixture(scope="module")
 def sequential_study(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
-    """A 2 rates x 2 seeds study trained here, one run after another."""
+    """A 3 rates x 2 seeds study trained here, one run after another."""
     plots = tmp_path_factory.mktemp("seq") / "plots"
     ran = call_main("--data-dir", data_dir, "--plots-dir", plots, "--model-path", plots.parent / "m.keras", *STUDY)
     assert ran.returncode == 0, ran.stderr
@@ -31,7 +31,10 @@ def sequential_study(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
 @pytest.mark.slow
 def test_seeds_give_each_test_accuracy_and_their_mean_and_std(sequential_study: dict) -> None:
     stdout, study, metrics = sequential_study["stdout"], sequential_study["study"], sequential_study["metrics"]
-    assert "Run 4 of 4: Learning-rate study: rate 2 of 2: lr=0.003, seed 1 (2 of 2)" in stdout
+    assert "Run 6 of 6: Learning-rate study: rate 3 of 3: lr=0.003, seed 1 (2 of 2)" in stdout
+    stopped = [run["stopped_after_epoch"] for row in study["rates"] for run in row["runs"]]
+    assert stopped == [2, 2, None, None, None, None], "each seed of the dead rate is stopped, the others train on"
+    assert study["rates"][0]["stopped"] == "stopped after epoch 2: stalled at chance level"
     assert study["selected_by"] == "lowest mean best validation loss"
     means = {r["lr"]: np.mean([run["best_val_loss"] for run in r["runs"]]) for r in study["rates"]}
     assert study["recommended_lr"] == min(means, key=means.get)
@@ -67,7 +70,7 @@ def test_study_on_local_ray_gives_the_sequential_table(tmp_path: Path, data_dir:
     code = cnn.main(["--data-dir", str(data_dir), "--plots-dir", str(plots), "--model-path", str(tmp_path / "m.keras"),
                      *STUDY, "--ray"])
     assert code == 0
-    assert "Ray: 4 runs on 1 node(s) with 2 CPUs" in capsys.readouterr().out
+    assert "Ray: 6 runs on 1 node(s) with 2 CPUs" in capsys.readouterr().out
     study, sequential = json.loads((plots / "lr_study.json").read_text()), sequential_study["study"]
     assert [r["lr"] for r in study["rates"]] == [r["lr"] for r in sequential["rates"]]
     assert study["recommended_lr"] == sequential["recommended_lr"]
@@ -75,6 +78,7 @@ def test_study_on_local_ray_gives_the_sequential_table(tmp_path: Path, data_dir:
         assert ray_row.keys() == seq_row.keys()
         for ray_run, seq_run in zip(ray_row["runs"], seq_row["runs"]):
             assert ray_run["seed"] == seq_run["seed"] and ray_run["failed"] is None
+            assert ray_run["stopped_after_epoch"] == seq_run["stopped_after_epoch"], "a Ray task stops a dead rate"
             for key in RUN_KEYS:  # same seeds, same splits: the same runs, up to thread-count rounding
                 assert ray_run[key] == pytest.approx(seq_run[key], abs=0.02)
     metrics = json.loads((plots / "metrics.json").read_text())

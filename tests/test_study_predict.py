@@ -515,6 +515,7 @@ def test_a_picture_with_nothing_on_it_is_used_whole_and_says_so(tmp_path: Path) 
     flat = np.random.default_rng(0).normal(200, 3, (120, 90)).clip(0, 255).astype(np.uint8)
     seen = cnn.to_network_input(save_image(tmp_path / "wall.png", Image.fromarray(flat)))
     assert not seen.item_found and seen.box is None and seen.pixels.shape == (28, 28)
+    assert seen.pixels.max() < 30, "nothing to see is not stretched into a bright texture"
 
 
 @pytest.mark.slow

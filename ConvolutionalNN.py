@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import functools
 import gzip
 import json
 import math
@@ -542,7 +541,6 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
 EMA_WARM_UP = 10  # the average's momentum at step t is at most (1 + t) / (EMA_WARM_UP + t)
 
 
-@functools.cache
 def warmed_up_ema_adam() -> type:
     """Keras's Adam whose weight average (use_ema) warms up like TensorFlow's ExponentialMovingAverage with
     num_updates: at step t it moves with momentum min(ema_momentum, (1 + t) / (10 + t)).
@@ -550,7 +548,8 @@ def warmed_up_ema_adam() -> type:
     Keras averages with the full momentum from the first step, so after a few dozen steps its average is still
     mostly the initial weights, and those are what is validated, kept and tested. The rule needs only the
     optimizer's step count, which BackupAndRestore saves, so a resumed run averages exactly like one that was
-    not interrupted. Used for training only: the saved model carries a plain Adam (save_model).
+    not interrupted. Used for training only: the saved model carries a plain Adam (save_model). Made anew on each
+    call (not functools.cache'd), since Ray ships this script's functions to its workers by value.
     """
     keras = import_keras()
     ops = keras.ops
@@ -919,7 +918,7 @@ def save_model(cfg: Config, model: Any, path: Path) -> None:
     trained_with = model.optimizer
     inner = getattr(trained_with, "inner_optimizer", trained_with)  # float16 wraps it in a LossScaleOptimizer
     if type(inner) is not keras.optimizers.Adam:
-        with distribution_scope(cfg.distribute):
+        with model.distribute_strategy.scope():  # the strategy the model's variables were made in
             adam = keras.optimizers.Adam.from_config({**inner.get_config(), "name": "adam"})
             adam.build(model.trainable_variables)  # else loading it warns that its variables are missing
             model.compile(optimizer=adam, loss=model.loss, metrics=["accuracy"])
@@ -1211,7 +1210,8 @@ def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
     loss_ax.set(ylabel="loss (cross-entropy)", title=f"Loss (solid: validation, dashed: training{spread})")
     acc_ax.set(ylabel="validation accuracy", title="Validation accuracy (x: the study stopped the run there)")
     acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    acc_ax.legend(fontsize=8, loc="lower right")
+    if rates:
+        acc_ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Effect of the learning rate (dotted: rates that did not learn, held at the axes' edge)")
     save_figure(fig, path)
 

@@ -272,6 +272,7 @@ def test_the_average_warms_up_then_keeps_its_momentum() -> None:
     assert momentum_at(2000) == pytest.approx(0.99), "past step 890 the plain momentum again"
 
 
+@pytest.mark.slow
 def test_the_saved_model_loads_in_plain_keras(trained: dict) -> None:
     import keras
 

@@ -646,9 +646,8 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
         state.finished = True
         state.save(folder)
         shutil.rmtree(folder / "backup", ignore_errors=True)
-    diverged = any(not math.isfinite(v) for key in ("loss", "val_loss") for v in state.history.get(key, []))
-    return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, diverged, interrupted_by,
-                       seed=seed, precision=precision, best_value=state.best_value,
+    return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, went_non_finite(state.history),
+                       interrupted_by, seed=seed, precision=precision, best_value=state.best_value,
                        stopped_because=None if interrupted_by else stop_reason(state.history, cfg.epochs))
 
 
@@ -1078,10 +1077,15 @@ def stalled(history: dict[str, list[float]]) -> bool:
                                                for acc, loss in recent)
 
 
+def went_non_finite(history: dict[str, list[float]]) -> bool:
+    """Whether the run's loss or validation loss became NaN or infinite: it diverged."""
+    return any(not math.isfinite(v) for key in ("loss", "val_loss") for v in history.get(key, []))
+
+
 def stop_reason(history: dict[str, list[float]], epochs: int) -> str | None:
     """Why a finished run ended before its last epoch ("diverged" or STALLED), or None if it did not."""
     done = len(history.get("loss", []))
-    if any(not math.isfinite(v) for key in ("loss", "val_loss") for v in history.get(key, [])):
+    if went_non_finite(history):
         return "diverged"
     return STALLED if done < epochs and stalled(history) else None
 
@@ -1523,12 +1527,12 @@ def photo_to_fashion_mnist(img: Any) -> NetworkInput:
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     item = np.where(mask, contrast, 0.0)[top:bottom, left:right]
-    width, height = img.size
-    box = (min(round(float(left * scale)), width), min(round(float(top * scale)), height),
-           min(round(float(right * scale)), width), min(round(float(bottom * scale)), height)) if found else None
+    limits = (img.width, img.height) * 2
+    box = tuple(min(round(float(v * scale)), limit)
+                for v, limit in zip((left, top, right, bottom), limits, strict=True)) if found else None
     lighter_background = float(np.mean(background)) > float(np.mean(work[mask]))
-    preview = Image.fromarray(np.clip(work, 0, 255).astype(np.uint8).squeeze(axis=2) if work.shape[2] == 1
-                              else np.clip(work, 0, 255).astype(np.uint8))
+    shown = np.clip(work, 0, 255).astype(np.uint8)
+    preview = Image.fromarray(shown[..., 0] if shown.shape[2] == 1 else shown)
     item_mask_crop = mask[top:bottom, left:right]
     return NetworkInput(fit_to_frame(stretch_contrast(item, item_mask_crop), item_mask_crop), lighter_background,
                         box, bool(found), photo=True, preview=preview, preview_scale=1 / scale)
@@ -1612,7 +1616,7 @@ def is_edge_strip(part: tuple[slice, slice], shape: tuple[int, ...]) -> bool:
 
 
 def centrality(part: tuple[slice, slice], shape: tuple[int, ...]) -> float:
-    """1 for a part centred in the picture, falling to 0.25 for one in a corner."""
+    """1 for a part centred in the picture, falling to 1/16 for one centred on a corner."""
     (rows, cols), (h, w) = part, shape[:2]
     dy, dx = (rows.start + rows.stop) / 2 / h - 0.5, (cols.start + cols.stop) / 2 / w - 0.5
     return 1 / (1 + 4.24 * math.hypot(dy, dx)) ** 2

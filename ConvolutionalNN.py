@@ -61,6 +61,8 @@ CLASS_NAMES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_SIDE = 28
+ERASE_AREA = (0.02, 0.4)  # share of the image a random-erasing rectangle covers (Zhong et al. 2017)
+ERASE_ASPECT = (0.3, 1 / 0.3)  # its height / width
 TRAIN_COUNT, TEST_COUNT = 60_000, 10_000
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -135,6 +137,8 @@ class Config:
     batch_size: int = setting(128, "images per step", type=POSITIVE, resume_must_match=True)
     schedule: str = setting("cosine", "learning rate over the run: cosine decay from --lr to 0, or constant",
                             choices=("cosine", "constant"), resume_must_match=True)
+    warmup_epochs: float = setting(0.0, "epochs over which the learning rate first rises linearly from 0 to --lr "
+                                   "(0: start at --lr)", type=bounded(float, 0), metavar="E", resume_must_match=True)
     label_smoothing: float = setting(0.1, "share of each label spread over all classes in the training loss (0: off)",
                                      type=bounded(float, 0, 1), resume_must_match=True)
     weight_decay: float = setting(0.0, "decoupled weight decay (AdamW) per step, times the learning rate",
@@ -146,6 +150,9 @@ class Config:
                          type=bounded(int, 0, IMAGE_SIDE // 2), metavar="N", resume_must_match=True)
     flip: bool = setting(False, "mirror a random half of the training images left-right", action="store_true",
                          resume_must_match=True)
+    erase: float = setting(0.0, "random erasing: the share of training images that get one random rectangle "
+                           f"({ERASE_AREA[0] * 100:g}%% to {ERASE_AREA[1] * 100:g}%% of the image) filled with noise (0: off)",
+                           type=bounded(float, 0, 1), metavar="P", resume_must_match=True)
     tta: bool = setting(True, "test-time augmentation: average each tested image's class probabilities over its "
                         "mirrored (with --flip) and 1-pixel-moved (with --shift) copies; without either, nothing to "
                         "average", action=argparse.BooleanOptionalAction)
@@ -239,6 +246,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error(f"--model-path {a.model_path} must end in .keras")
     if a.limit is not None and a.limit < a.batch_size:
         parser.error(f"--limit {a.limit} is smaller than one batch (--batch-size {a.batch_size})")
+    if a.warmup_epochs >= a.epochs:
+        parser.error(f"--warmup-epochs {a.warmup_epochs:g} leaves nothing of --epochs {a.epochs}; warm up for fewer")
     if conv_sides(a.kernel_size, a.padding)[1] // 2 < 1:
         parser.error(f"--kernel-size {a.kernel_size} with --padding valid leaves no pixels; use a smaller kernel")
     for flag, values in (("--lr", a.lrs), ("--seed", a.seeds)):
@@ -532,8 +541,13 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
     model.add(layers.Dropout(cfg.dropout, name="dropout3"))
     model.add(layers.Dense(len(CLASS_NAMES), activation="softmax", dtype="float32", name="class_probabilities"))
     schedule: Any = lr
-    if cfg.schedule == "cosine":
-        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=cfg.epochs * steps_per_epoch)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine" or warmup_steps:
+        # alpha=1 keeps a constant schedule flat after its warm-up
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup_steps else lr, decay_steps=max(1, cfg.epochs * steps_per_epoch - warmup_steps),
+            alpha=0.0 if cfg.schedule == "cosine" else 1.0, warmup_target=lr if warmup_steps else None,
+            warmup_steps=warmup_steps)
     adam = warmed_up_ema_adam() if cfg.ema else keras.optimizers.Adam
     optimizer = adam(schedule, weight_decay=cfg.weight_decay or None, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
@@ -631,7 +645,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
         state.finished = True
     if not state.finished:
         batches, start_epoch = epoch_streams(data.x_train, data.y_train, cfg.batch_size, seed, model,
-                                             shift=cfg.shift, flip=cfg.flip)
+                                             shift=cfg.shift, flip=cfg.flip, erase=cfg.erase)
         stops = stop_requests() if handle_signals else contextlib.nullcontext([])
         with stops as received:
             callbacks = [run_callback(state, folder, start_epoch, received, stops_stalled),  # first: sees hooks first
@@ -677,8 +691,8 @@ def seed_everything(seed: int) -> None:
 
 
 def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, model: Any, *, shift: int = 0,
-                  flip: bool = False) -> tuple[Any, Callable[[int], None]]:
-    """Training batches (augmented with shift/flip) and dropout masks that are a function of (seed, epoch): a
+                  flip: bool = False, erase: float = 0.0) -> tuple[Any, Callable[[int], None]]:
+    """Training batches (augmented with shift/flip/erase) and dropout masks that are a function of (seed, epoch): a
     tf.data set of (uint8 images, one-hot labels), and the function that sets the epoch.
 
     fit(shuffle=True) with a seed set gives the same batch order every epoch, and BackupAndRestore saves
@@ -699,7 +713,7 @@ def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, mode
     @tf.autograph.experimental.do_not_convert
     def batch(number: Any, idx: Any) -> tuple[Any, Any]:
         key = tf.random.experimental.stateless_fold_in(epoch_key(), number)
-        return (augment_batch(tf.gather(images, idx), key, shift, flip),
+        return (augment_batch(tf.gather(images, idx), key, shift, flip, erase),
                 tf.one_hot(tf.gather(labels, idx), len(CLASS_NAMES)))
 
     batches = (tf.data.Dataset.range(1).map(epoch_order)
@@ -720,9 +734,10 @@ def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, mode
     return batches, start_epoch
 
 
-def augment_batch(images: Any, key: Any, shift: int, flip: bool) -> Any:
-    """Each image of the batch mirrored left-right with probability 1/2 (flip) and moved by -shift..shift pixels
-    down and right, zero-filled; the draws are a function of key."""
+def augment_batch(images: Any, key: Any, shift: int, flip: bool, erase: float = 0.0) -> Any:
+    """Each image of the batch mirrored left-right with probability 1/2 (flip), moved by -shift..shift pixels
+    down and right, zero-filled, and with probability erase given a noise rectangle (random_erasing); the draws
+    are a function of key."""
     tf = import_tensorflow()
     if flip:
         images = tf.image.stateless_random_flip_left_right(images, seed=key)
@@ -733,7 +748,37 @@ def augment_batch(images: Any, key: Any, shift: int, flip: bool) -> Any:
         padded = tf.pad(images, [[0, 0], [shift, shift], [shift, shift], [0, 0]])
         rows = tf.gather(padded, offsets[0] + window, axis=1, batch_dims=1)
         images = tf.gather(rows, offsets[1] + window, axis=2, batch_dims=1)
+    if erase:
+        images = random_erasing(images, tf.random.experimental.stateless_fold_in(key, 2), erase)
     return images
+
+
+
+def random_erasing(images: Any, key: Any, probability: float) -> Any:
+    """Random erasing (Zhong et al. 2017, arXiv:1708.04896): with the given probability an image gets one
+    rectangle of random area and aspect, at a random place, filled with uniform noise; a function of key.
+
+    A rectangle taller or wider than the image is cut at its edge rather than drawn again.
+    """
+    tf = import_tensorflow()
+    count = tf.shape(images)[0]
+    u = tf.random.stateless_uniform([5, count], key)
+    area = (ERASE_AREA[0] + u[1] * (ERASE_AREA[1] - ERASE_AREA[0])) * IMAGE_SIDE**2
+    low, high = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
+    aspect = tf.exp(low + u[2] * (high - low))
+    height = tf.clip_by_value(tf.round(tf.sqrt(area * aspect)), 1, IMAGE_SIDE)
+    width = tf.clip_by_value(tf.round(tf.sqrt(area / aspect)), 1, IMAGE_SIDE)
+    top = tf.floor(u[3] * (IMAGE_SIDE - height + 1))
+    left = tf.floor(u[4] * (IMAGE_SIDE - width + 1))
+    side = tf.range(IMAGE_SIDE, dtype=tf.float32)
+
+    def within(start: Any, length: Any) -> Any:
+        return (side >= start[:, None]) & (side < (start + length)[:, None])
+
+    inside = within(top, height)[:, :, None] & within(left, width)[:, None, :] & (u[0] < probability)[:, None, None]
+    noise = tf.random.stateless_uniform(tf.shape(images), tf.random.experimental.stateless_fold_in(key, 1), 0, 256,
+                                        tf.int32)
+    return tf.where(inside[..., None], tf.cast(noise, images.dtype), images)
 
 
 def run_callback(state: RunState, folder: Path, start_epoch: Callable[[int], None], stop: list[int],

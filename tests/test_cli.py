@@ -48,6 +48,9 @@ OUTPUTS = ["accuracy.png", "loss.png", "confusion_matrix.png", "predictions.png"
     (["--shift", "14"], "between 0 and 13"),
     (["--ema", "1"], "at least 0 and below 1"),
     (["--label-smoothing", "-0.1"], "at least 0 and below 1"),
+    (["--erase", "1.5"], "at least 0 and below 1"),
+    (["--warmup-epochs", "3", "--epochs", "3"], "leaves nothing of --epochs 3"),
+    (["--warmup-epochs", "-1"], "at least 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags: list[str], message: str) -> None:
     proc = run_cli(*flags)
@@ -63,7 +66,7 @@ def test_help_lists_every_flag_with_defaults() -> None:
     for flag in ("--epochs", "--lr", "--batch-size", "--val-split", "--seed", "--data-dir", "--plots-dir",
                  "--model-path", "--limit", "--predict", "--json", "--seeds", "--precision", "--distribute",
                  "--ray", "--ema", "--label-smoothing", "--shift", "--flip", "--tta", "--weight-decay",
-                 "--conv-dropout"):
+                 "--conv-dropout", "--erase", "--warmup-epochs"):
         assert flag in proc.stdout
     assert "default: 20" in proc.stdout and "0.001" in proc.stdout
 

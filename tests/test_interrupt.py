@@ -18,7 +18,8 @@ from PIL import Image
 import ConvolutionalNN as cnn
 from conftest import SCRIPT, TINY, call_main, run_cli
 
-LEVERS = ["--ema", "0.9", "--label-smoothing", "0.1", "--shift", "2", "--flip", "--tta"]  # all kept exact on resume
+LEVERS = ["--ema", "0.9", "--label-smoothing", "0.1", "--shift", "2", "--flip", "--tta", "--erase", "0.5",
+          "--warmup-epochs", "1"]  # all kept exact on resume
 LONG = [*TINY, "--limit", "1600", "--epochs", "4", *LEVERS]  # 40 steps an epoch: time to land a signal inside one
 
 
@@ -244,6 +245,38 @@ def augmentation_of_each_image(images: np.ndarray, seed: int, epoch: int) -> dic
     assert None not in found, "every training image is a source image, flipped or not, moved by at most 2 px"
     assert sorted(k for k, *_ in found) == list(range(len(images))), "each image once an epoch"
     return {k: (flipped, dy, dx) for k, flipped, dy, dx in found}
+
+
+def test_random_erasing_puts_one_noise_rectangle_in_the_chosen_share_of_images_keyed_by_seed_and_epoch() -> None:
+    """--erase 0.5: about half the images of an epoch get a rectangle of 2-40% of the image, the rest are untouched."""
+    images = np.zeros((400, 28, 28, 1), np.uint8)
+    cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8"])
+    model = cnn.build_model(cfg, 0.01, 10)
+    batches, start_epoch = cnn.epoch_streams(images, np.zeros(len(images), np.uint8), 100, 0, model, erase=0.5)
+
+    def erased(epoch: int) -> np.ndarray:
+        start_epoch(epoch)
+        return np.concatenate([x.numpy() for x, _ in batches])[..., 0] != 0  # noise is 0 in 1 pixel of 256
+
+    first = erased(0)
+    hit = first.reshape(len(images), -1).any(axis=1)
+    assert 150 < hit.sum() < 250
+    for mask in first[hit]:
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.mean() > 0.9, "the noise fills one rectangle"
+        assert 0.015 <= box.size / mask.size <= 0.41
+    assert (erased(0) == first).all() and (erased(1) != first).any(), "a function of (seed, epoch)"
+
+
+def test_warm_up_raises_the_learning_rate_from_0_then_the_cosine_decays_it() -> None:
+    cfg = cnn.parse_args(["--warmup-epochs", "1", "--epochs", "4", "--filters", "4", "--dense-units", "8"])
+    schedule = cnn.build_model(cfg, 0.001, steps_per_epoch=100).optimizer._learning_rate
+    at = [float(schedule(step)) for step in (0, 50, 100, 250, 400)]
+    assert at == pytest.approx([0, 0.0005, 0.001, 0.0005, 0], abs=1e-7)
+    flat = cnn.parse_args(["--warmup-epochs", "1", "--epochs", "4", "--schedule", "constant"])
+    schedule = cnn.build_model(flat, 0.001, steps_per_epoch=100).optimizer._learning_rate
+    assert [float(schedule(step)) for step in (50, 100, 399)] == pytest.approx([0.0005, 0.001, 0.001])
 
 
 def moved(image: np.ndarray, dy: int, dx: int) -> np.ndarray:

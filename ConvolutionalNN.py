@@ -134,7 +134,7 @@ class Config:
     lrs: tuple[float, ...] = setting((0.001,), "Adam learning rate; several values run the learning-rate study",
                                      "--lr", type=bounded(float, 0, above=True), nargs="+", metavar="LR")
     epochs: int = setting(20, "training epochs", type=POSITIVE, resume_must_match=True)
-    batch_size: int = setting(128, "images per step", type=POSITIVE, resume_must_match=True)
+    batch_size: int = setting(64, "images per step", type=POSITIVE, resume_must_match=True)
     schedule: str = setting("cosine", "learning rate over the run: cosine decay from --lr to 0, or constant",
                             choices=("cosine", "constant"), resume_must_match=True)
     warmup_epochs: float = setting(0.0, "epochs over which the learning rate first rises linearly from 0 to --lr "
@@ -167,7 +167,7 @@ class Config:
     dense_units: int = setting(128, "hidden Dense width", type=POSITIVE, group="network", resume_must_match=True)
     conv_dropout: float = setting(0.1, "dropout after each pooling layer", type=bounded(float, 0, 1),
                                   group="network", resume_must_match=True)
-    dropout: float = setting(0.5, "dropout before the output layer", type=bounded(float, 0, 1), group="network",
+    dropout: float = setting(0.2, "dropout before the output layer", type=bounded(float, 0, 1), group="network",
                              resume_must_match=True)
     # data and outputs
     data_dir: Path | None = setting(None, "folder with the four Fashion-MNIST IDX .gz files (offline use); default: "

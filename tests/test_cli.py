@@ -74,7 +74,7 @@ def test_help_lists_every_flag_with_defaults() -> None:
 def test_default_config_matches_the_documented_network() -> None:
     cfg = cnn.parse_args([])
     assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.val_split, cfg.filters, cfg.kernel_size) == \
-        (0.001, 20, 128, 0.2, 128, 3)
+        (0.001, 20, 64, 0.2, 128, 3)
 
 
 def test_network_layer_stack() -> None:

@@ -17,6 +17,7 @@ validation images), for --repeats rounds, so that machine noise hits them alike.
   program-no-levers  the same without the default's levers (no EMA, label smoothing or shifts): what they cost
   program-bf16    the program's path in mixed bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
   program-float32 the program's path in float32 (what --precision auto gains where it picks bfloat16)
+  program-spe8    the program's path compiled with steps_per_execution=8 (Keras runs 8 steps per call)
 
 Prints, per variant, the median seconds per epoch (training and validation), the images/s that makes (48,000
 training images over the whole epoch), the ratio to keras-float32, and the fraction of this machine's matmul
@@ -54,7 +55,9 @@ VARIANTS = {  # name: (environment it needs, precision, program's path?, extra f
     "program-no-levers": ({}, "auto", True, NO_LEVERS),
     "program-bf16": ({}, "bfloat16", True, []),
     "program-float32": ({}, "float32", True, []),
+    "program-spe8": ({}, "auto", True, []),
 }
+STEPS_PER_EXECUTION = {"program-spe8": 8}  # variants that run several steps per call; the rest 1
 DEFAULT_VARIANTS = ["keras-float32", "program-eigen", "program", "program-no-levers"]
 
 
@@ -149,6 +152,9 @@ def worker(variant: str, data_dir: Path, limit: int | None) -> int:
     cnn.seed_everything(0)
     steps = -(-len(data.y_train) // cfg.batch_size)
     model = cnn.build_model(cfg, cfg.lr, steps)
+    if variant in STEPS_PER_EXECUTION:
+        model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"],
+                      steps_per_execution=STEPS_PER_EXECUTION[variant])
     y_val = keras.utils.to_categorical(data.y_val, len(cnn.CLASS_NAMES))
     if program:
         batches, start_epoch = cnn.epoch_streams(data.x_train, data.y_train, cfg.batch_size, 0, model,

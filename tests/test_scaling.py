@@ -42,7 +42,8 @@ def test_seeds_give_each_test_accuracy_and_their_mean_and_std(sequential_study: 
         assert row["seeds"] == [0, 1] and row["best_val_loss"] == pytest.approx(means[row["lr"]])
         assert row["best_val_loss_std"] == pytest.approx(np.std([r["best_val_loss"] for r in row["runs"]], ddof=1))
     accuracies = [s["test_accuracy"] for s in metrics["seeds"]]
-    assert [s["seed"] for s in metrics["seeds"]] == [0, 1] and accuracies[0] != accuracies[1]
+    losses = [s["test_loss"] for s in metrics["seeds"]]  # both seeds may reach 100% on the synthetic shapes
+    assert [s["seed"] for s in metrics["seeds"]] == [0, 1] and losses[0] != losses[1], "each seed is its own run"
     assert metrics["test_accuracy_mean"] == pytest.approx(np.mean(accuracies))
     assert metrics["test_accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
     best_by_val = max(metrics["seeds"], key=lambda s: s["best_val_accuracy"])

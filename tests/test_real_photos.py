@@ -1,0 +1,130 @@
+"""--predict on photos as people take them: the item found by GrabCut and tidied, HEIC files, the unsure flag,
+and the picture of what the network saw. Every picture here is made by the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ConvolutionalNN as cnn
+
+
+def floor(h: int = 400, w: int = 300, seed: int = 0) -> np.ndarray:
+    """A light, slightly uneven, noisy floor (float RGB)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    light = 1 + 0.06 * (x / w - 0.5) - 0.08 * (y / h - 0.5)
+    return np.array([214.0, 208, 198]) * light[..., None] + rng.normal(0, 3, (h, w, 3))
+
+
+def paint(picture: np.ndarray, where: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Colour the pixels where `where` holds."""
+    picture[where] = colour
+
+
+def saved(tmp_path: Path, picture: np.ndarray, name: str = "photo.jpg") -> Path:
+    """The picture as a JPEG (or whatever the name says) in tmp_path."""
+    path = tmp_path / name
+    Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8)).save(path, quality=92)
+    return path
+
+
+def tshirt(h: int, w: int, top: int, left: int, side: int) -> np.ndarray:
+    """A T-shirt's silhouette (body and two sleeves) in a side x side square at (top, left)."""
+    y, x = np.mgrid[0:h, 0:w]
+    y, x = (y - top) / side, (x - left) / side
+    body = (x >= 0.25) & (x <= 0.75) & (y >= 0.1) & (y <= 1.0)
+    sleeves = (y >= 0.1) & (y <= 0.1 + 0.35 - np.abs(x - 0.5) * 0.5) & (x >= 0) & (x <= 1)
+    return body | sleeves
+
+
+def crop_of(path: Path) -> tuple[int, int, int, int]:
+    """The crop box --predict's reading of the file found."""
+    seen = cnn.to_network_input(path)
+    assert seen.item_found and seen.photo
+    return seen.box
+
+
+def test_a_hanger_above_a_garment_is_not_part_of_the_crop(tmp_path: Path) -> None:
+    picture = floor()
+    item = tshirt(400, 300, 110, 40, 220)
+    paint(picture, item, (40, 60, 130))
+    hook = np.zeros((400, 300), bool)
+    hook[60:132, 148:152] = True   # the hook, 4 px thick, from well above the collar down into it
+    hook[58:62, 130:170] = True    # and the hanger's bar
+    paint(picture, hook & ~item, (50, 50, 50))
+    left, top, right, bottom = crop_of(saved(tmp_path, picture))
+    assert 132 - 12 <= top <= 132 + 6, "the crop starts at the shoulders (a stub of the hook at most), not at it"
+    assert abs(left - 40) <= 6 and abs(right - 260) <= 6 and abs(bottom - 330) <= 6
+
+
+def test_a_striped_item_is_found_whole_even_where_its_stripes_match_the_floor(tmp_path: Path) -> None:
+    picture = floor()
+    item = tshirt(400, 300, 90, 40, 220)  # from (40, 112) to (261, 311)
+    stripes = (np.mgrid[0:400, 0:300][0] // 12) % 2 == 0
+    paint(picture, item & stripes, (30, 30, 90))
+    paint(picture, item & ~stripes, (205, 200, 192))  # the floor's colour: such a stripe on the item's edge is lost
+    left, top, right, bottom = crop_of(saved(tmp_path, picture))
+    stripe = 12 + 4
+    assert abs(left - 40) <= stripe and abs(right - 261) <= stripe, "the sleeves are kept"
+    assert abs(top - 112) <= stripe and abs(bottom - 311) <= stripe, "the item is not cut at a stripe"
+
+
+def test_an_item_that_runs_off_the_picture_is_still_found(tmp_path: Path) -> None:
+    picture = floor()
+    y, x = np.mgrid[0:400, 0:300]
+    trouser_legs = ((np.abs(x - 110) <= 40) | (np.abs(x - 200) <= 40)) & (y >= 60)  # leaves at the bottom edge
+    trouser_legs |= (x >= 70) & (x <= 240) & (y >= 60) & (y <= 140)
+    paint(picture, trouser_legs, (60, 70, 110))
+    left, top, right, bottom = crop_of(saved(tmp_path, picture))
+    assert abs(left - 70) <= 6 and abs(right - 241) <= 6 and abs(top - 60) <= 6 and bottom >= 394
+
+
+def test_a_heic_photo_reads_like_the_same_photo_as_png(tmp_path: Path) -> None:
+    pytest.importorskip("pillow_heif")
+    picture = floor()
+    paint(picture, tshirt(400, 300, 90, 40, 220), (40, 60, 130))
+    as_png = cnn.to_network_input(saved(tmp_path, picture, "photo.png"))
+    as_heic = cnn.to_network_input(saved(tmp_path, picture, "photo.heic"))
+    assert Image.open(tmp_path / "photo.heic").format == "HEIF"
+    assert np.abs(np.subtract(as_heic.box, as_png.box)).max() <= 4
+    assert np.abs(as_heic.pixels.astype(int) - as_png.pixels).mean() < 8
+    assert ".heic" in cnn.IMAGE_SUFFIXES and ".avif" in cnn.IMAGE_SUFFIXES
+
+
+def test_a_broken_heic_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    with pytest.raises(cnn.UserError, match=r"broken\.heic: not a readable image"):
+        cnn.to_network_input(tmp_path / "broken.heic")
+
+
+@pytest.mark.parametrize(("probs", "unsure"), [
+    ([0.91] + [0.01] * 9, False),
+    ([0.1] * 10, True),
+    ([0.45, 0.4] + [0.15 / 8] * 8, True),
+    ([0.55, 0.05] + [0.4 / 8] * 8, False),
+])
+def test_a_spread_out_reading_is_marked_unsure_with_its_score(probs: list[float], unsure: bool) -> None:
+    seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), False, None, True, photo=True)
+    result = cnn.prediction(Path("x.jpg"), np.array(probs), seen)
+    assert result["unsure"] is unsure
+    assert result["unsure_score"] == pytest.approx(cnn.unsure_score(np.array(probs)), abs=1e-4)
+    assert (result["unsure_score"] > cnn.UNSURE_ABOVE) is unsure
+
+
+def widest_gap(picture: Image.Image, rows: slice) -> int:
+    """The widest run of blank columns between the first and the last ink within these rows of the picture."""
+    ink = np.flatnonzero((np.asarray(picture.convert("L"))[rows] < 200).any(axis=0))
+    return int(np.diff(ink).max()) - 1
+
+
+def test_the_panel_titles_do_not_overlap_on_a_narrow_portrait_photo(tmp_path: Path) -> None:
+    narrow = Image.fromarray(np.full((700, 120, 3), 200, np.uint8))
+    seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), True, (10, 100, 110, 600), True, photo=True,
+                            preview=narrow)
+    result = {"top3": [{"class": "Dress", "probability": 0.5}] * 3, "unsure": True}
+    cnn.draw_what_the_network_saw(seen, result, tmp_path / "seen.png")
+    assert widest_gap(Image.open(tmp_path / "seen.png"), slice(8, 30)) >= 10, "the two titles stand apart"

@@ -3,6 +3,7 @@ and the picture of what the network saw. Every picture here is made by the test.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,24 @@ def test_the_panel_titles_do_not_overlap_on_a_narrow_portrait_photo(tmp_path: Pa
     result = {"top3": [{"class": "Dress", "probability": 0.5}] * 3, "unsure": True}
     cnn.draw_what_the_network_saw(seen, result, tmp_path / "seen.png")
     assert widest_gap(Image.open(tmp_path / "seen.png"), slice(8, 30)) >= 10, "the two titles stand apart"
+
+
+@pytest.mark.slow
+def test_predict_says_unsure_beside_the_class_in_text_and_json(tmp_path: Path, trained: dict) -> None:
+    from conftest import call_main
+
+    picture = floor()
+    paint(picture, tshirt(400, 300, 90, 40, 220), (40, 60, 130))
+    saved(tmp_path, picture, "shirt.heic")
+    saved(tmp_path, floor(seed=1), "floor.png")  # nothing on it: the network has to guess
+    common = ["--predict", tmp_path / "shirt.heic", tmp_path / "floor.png", "--model-path", trained["model"],
+              "--plots-dir", tmp_path / "p"]
+    as_json = call_main(*common, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    results = {Path(r["file"]).name: r for r in json.loads(as_json.stdout)}
+    assert set(results) == {"shirt.heic", "floor.png"}
+    as_text = call_main(*common)
+    for name, r in results.items():
+        assert r["unsure"] is (r["unsure_score"] > cnn.UNSURE_ABOVE)
+        line = next(t for t in as_text.stdout.splitlines() if t.startswith(str(tmp_path / name)))
+        assert ("(unsure: looks unlike the data set's product photos)" in line) is r["unsure"]

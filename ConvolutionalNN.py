@@ -33,6 +33,7 @@ import csv
 import dataclasses
 import functools
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -1369,6 +1370,8 @@ ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
 def predict(cfg: Config) -> int:
     """Classify each image (averaging over test-time copies if the model was trained with --tta); print top-3
     classes (or JSON) and draw what the network saw under --plots-dir; exit 1 if any file failed."""
+    if importlib.util.find_spec("cv2") is None:  # photos need GrabCut; say so once, not once a file
+        raise UserError("--predict needs OpenCV to find the item in a photo: pip install -r requirements.txt")
     model, tta = load_trained_model(cfg.model_path)
     check_writable(cfg.plots_dir / "predict")
     decoded, failed = [], 0
@@ -1697,6 +1700,9 @@ def segment_item(work: np.ndarray, first_guess: np.ndarray) -> np.ndarray:
         dy, dx = round(CENTRE_SEED * h), round(CENTRE_SEED * w)
         seeds[dy:h - dy, dx:w - dx] = cv2.GC_PR_FGD
     seeds[border_band(work.shape) & ~first_guess] = cv2.GC_BGD
+    maybe_item = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
+    if maybe_item.all() or not maybe_item.any():  # GrabCut needs both; a picture a few pixels across has no room
+        return tidy_item(first_guess)
     rgb = np.clip(np.repeat(work, 3 // work.shape[2], axis=2), 0, 255).astype(np.uint8)
     models = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)  # GrabCut's colour models, its state
     cv2.setRNGSeed(0)  # GrabCut's k-means starts from OpenCV's generator: the same photo, the same mask

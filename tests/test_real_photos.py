@@ -84,6 +84,13 @@ def test_an_item_that_runs_off_the_picture_is_still_found(tmp_path: Path) -> Non
     assert abs(left - 70) <= 6 and abs(right - 241) <= 6 and abs(top - 60) <= 6 and bottom >= 394
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 3), (2, 3, 3), (1, 500, 3), (500, 1, 3), (3, 40), (300, 200, 3)])
+def test_tiny_thin_or_flat_pictures_are_still_read(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    pixels = np.random.default_rng(0).integers(0, 255, shape) if shape[0] < 300 else np.full(shape, 128)
+    seen = cnn.to_network_input(saved(tmp_path, pixels.astype(float), "picture.png"))
+    assert seen.pixels.shape == (28, 28) and seen.pixels.dtype == np.uint8
+
+
 def test_a_heic_photo_reads_like_the_same_photo_as_png(tmp_path: Path) -> None:
     pytest.importorskip("pillow_heif")
     picture = floor()
@@ -150,3 +157,13 @@ def test_predict_says_unsure_beside_the_class_in_text_and_json(tmp_path: Path, t
         assert r["unsure"] is (r["unsure_score"] > cnn.UNSURE_ABOVE)
         line = next(t for t in as_text.stdout.splitlines() if t.startswith(str(tmp_path / name)))
         assert ("(unsure: looks unlike the data set's product photos)" in line) is r["unsure"]
+
+
+def test_predict_without_opencv_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import call_main
+
+    find_spec = cnn.importlib.util.find_spec
+    monkeypatch.setattr(cnn.importlib.util, "find_spec", lambda name: None if name == "cv2" else find_spec(name))
+    ran = call_main("--predict", saved(tmp_path, floor()), "--model-path", tmp_path / "none.keras")
+    assert ran.returncode == 1 and ran.stdout == ""
+    assert ran.stderr == "error: --predict needs OpenCV to find the item in a photo: pip install -r requirements.txt\n"

@@ -1482,12 +1482,12 @@ def draw_what_the_network_saw(seen: NetworkInput, result: dict[str, Any], path: 
     photo = photo.resize((max(1, round(photo.width * factor)), height), Image.Resampling.LANCZOS)
     panel = max(photo.width, math.ceil(font.getlength(title)) + 12)  # a narrow portrait photo keeps its title
     canvas = Image.new("RGB", (panel + height + 300, height + 40), "white")
-    canvas.paste(photo, ((panel - photo.width) // 2, 40))
+    inset = (panel - photo.width) // 2
+    canvas.paste(photo, (inset, 40))
     draw = ImageDraw.Draw(canvas)
     if seen.box:
         left, top, right, bottom = (v * factor * seen.preview_scale for v in seen.box)
-        shift = (panel - photo.width) // 2
-        draw.rectangle([left + shift, top + 40, right + shift - 1, bottom + 39], outline=(220, 30, 30), width=2)
+        draw.rectangle([left + inset, top + 40, right + inset - 1, bottom + 39], outline=(220, 30, 30), width=2)
     canvas.paste(Image.fromarray(seen.pixels).resize((height, height), Image.Resampling.NEAREST), (panel, 40))
     draw.text((4, 10), title, fill="black", font=font)
     draw.text((panel + 4, 10), "what the network saw", fill="black", font=font)

@@ -78,7 +78,7 @@ def share(count: int, total: int) -> str:
 
 
 def folder_row(folder: str, results: list[dict]) -> dict:
-    """One folder's counts: right class, right kind, unsure among the wrong and the right, the mistakes."""
+    """One folder's counts: right class, right kind, unsure among the wrong and the right (class), the mistakes."""
     classes = right_classes(folder)
     kinds = {KINDS[c] for c in classes}
     right = [r["class"] in classes for r in results]
@@ -86,7 +86,7 @@ def folder_row(folder: str, results: list[dict]) -> dict:
     mistakes = collections.Counter(r["class"] for r, ok in zip(results, right, strict=True) if not ok)
     return {"folder": folder, "photos": len(results), "class": sum(right),
             "kind": sum(KINDS[r["class"]] in kinds for r in results),
-            "wrong": len(results) - sum(right), "right": sum(right),
+            "wrong": len(results) - sum(right),
             "unsure_wrong": sum(u and not ok for u, ok in zip(unsure, right, strict=True)),
             "unsure_right": sum(u and ok for u, ok in zip(unsure, right, strict=True)),
             "mistakes": ", ".join(f"{name} {n}" for name, n in mistakes.most_common(3))}
@@ -94,13 +94,13 @@ def folder_row(folder: str, results: list[dict]) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     """The per-folder table and its total line, in Markdown."""
-    total = {key: sum(r[key] for r in rows) for key in ("photos", "class", "kind", "wrong", "right", "unsure_wrong",
+    total = {key: sum(r[key] for r in rows) for key in ("photos", "class", "kind", "wrong", "unsure_wrong",
                                                         "unsure_right")}
     print("| folder | photos | right kind | right class | unsure: of the wrong | of the right | mistaken for |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in [*rows, {**total, "folder": "**all**", "mistakes": ""}]:
         print(f"| {r['folder']} | {r['photos']} | {share(r['kind'], r['photos'])} | {share(r['class'], r['photos'])} "
-              f"| {share(r['unsure_wrong'], r['wrong'])} | {share(r['unsure_right'], r['right'])} | {r['mistakes']} |")
+              f"| {share(r['unsure_wrong'], r['wrong'])} | {share(r['unsure_right'], r['class'])} | {r['mistakes']} |")
 
 
 def fashion_mnist_check(model: Path, data_dir: Path, work: Path) -> None:

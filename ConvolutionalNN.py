@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import gzip
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,9 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,12 +68,14 @@ IMAGE_SIDE = 28
 ERASE_AREA = (0.02, 0.4)  # share of the image a random-erasing rectangle covers (Zhong et al. 2017)
 ERASE_ASPECT = (0.3, 1 / 0.3)  # its height / width
 TRAIN_COUNT, TEST_COUNT = 60_000, 10_000
+GZIP_MAGIC = b"\x1f\x8b"
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
+KAGGLE_FILES = {"train": "fashion-mnist_train.csv", "test": "fashion-mnist_test.csv"}
 MODEL_NOTES = "convolutionalnn.json"  # inside the saved .keras archive: what --predict needs beyond the model
 BEST_MONITOR = "val_accuracy"  # the kept epoch; accuracy is the figure reported, and val_loss bottoms out earlier
 EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED, EXIT_SIGINT = 1, 2, 3, 130
@@ -171,14 +176,19 @@ class Config:
     dropout: float = setting(0.2, "dropout before the output layer", type=bounded(float, 0, 1), group="network",
                              resume_must_match=True)
     # data and outputs
-    data_dir: Path | None = setting(None, "folder with the four Fashion-MNIST IDX .gz files (offline use); default: "
-                                    "keras.datasets, cached under $KERAS_HOME or ~/.keras", type=Path, group="data")
+    data_dir: Path | None = setting(None, "folder with Fashion-MNIST (offline use): the four IDX files, gzipped "
+                                    "or not, torchvision's root or FashionMNIST/raw folder, or Kaggle's two CSV files; "
+                                    "default: keras.datasets, cached under $KERAS_HOME or ~/.keras", type=Path,
+                                    group="data")
     val_split: float = setting(0.2, "fraction of the training images held out for validation (stratified)",
                                type=bounded(float, 0, 1, above=True), group="data", resume_must_match=True)
     limit: int | None = setting(None, "use only the first N training images (quick tries); at least one batch",
                                 type=POSITIVE, metavar="N", group="data", resume_must_match=True)
     plots_dir: Path = setting(Path("plots"), "folder for plots and metrics", type=Path, group="data")
     model_path: Path = setting(Path("models/fashion_cnn.keras"), "trained model (.keras)", type=Path, group="data")
+    tensorboard: Path | None = setting(None, "also write Keras's TensorBoard logs (losses, accuracies and learning "
+                                       "rate per epoch) under DIR/<start time>/, one folder per run; view them with "
+                                       "tensorboard --logdir DIR", type=Path, metavar="DIR", group="data")
     resume: bool = setting(False, "continue an interrupted or killed run from its last finished epoch (same flags)",
                            action="store_true", group="data", recorded=False)
     # hardware and scaling
@@ -263,6 +273,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     if a.predict and any(getattr(a, k) != parser.get_default(k) for k in ("tta", "shift", "flip")):
         parser.error("--predict uses the test-time augmentation the model was trained with; drop --tta/--no-tta, "
                      "--shift and --flip")
+    if a.predict and a.tensorboard:
+        parser.error("--tensorboard applies to training, not to --predict")
     if a.json_output and not a.predict:
         parser.error("--json only applies to --predict")
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(a).items()})
@@ -305,14 +317,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_and_report(cfg: Config) -> int:
     """Load and split -> train every (rate, seed) run, here or on Ray -> report."""
-    check_writable(cfg.plots_dir, cfg.model_path.parent)
+    check_writable(cfg.plots_dir, cfg.model_path.parent, *([cfg.tensorboard] if cfg.tensorboard else []))
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if cfg.ray:
         check_ray_reachable(cfg.ray)
     else:
         check_memory(cfg, available_memory())
-    arrays = load_arrays(cfg)
+    arrays, source = load_arrays(cfg)
     data = split_data(arrays, cfg, cfg.seed)
-    print(f"Data: {len(data.y_train)} training, {len(data.y_val)} validation, {len(data.y_test)} test images")
+    print(f"Data: {len(data.y_train)} training, {len(data.y_val)} validation, {len(data.y_test)} test images "
+          f"({source})")
     with out_of_memory_as_error():
         runs = train_on_ray(cfg) if cfg.ray else train_here(cfg, arrays)
         return report(cfg, arrays, runs)
@@ -391,18 +406,17 @@ Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_tra
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one gzipped IDX file (the format Fashion-MNIST ships in) as uint8."""
+    """Read one IDX file (the format Fashion-MNIST ships in), gzipped or not, as uint8."""
     try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise UserError(f"missing data file {path}; the folder needs {', '.join(IDX_FILES.values())}") from None
+        raw = path.read_bytes()
+        if raw[:2] == GZIP_MAGIC:
+            raw = gzip.decompress(raw)
     except PermissionError:
         raise UserError(f"cannot read {path}: permission denied") from None
-    except (gzip.BadGzipFile, EOFError, OSError) as e:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise UserError(f"cannot read {path} as gzip ({e}); re-download the original Fashion-MNIST file") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+        raise UserError(f"{path} is neither gzip nor an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
@@ -413,12 +427,112 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def read_idx_folder(data_dir: Path) -> Arrays:
-    """The four Fashion-MNIST arrays from a folder of IDX .gz files."""
+def read_kaggle_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) and labels from one of Kaggle's CSV files: a header naming `label` and pixel1 ...
+    pixel784, then one image a row."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = [name.strip().strip('"') for name in f.readline().split(",")]
+            if "label" not in header:
+                raise UserError(f"{path} has no 'label' column in its first line (Kaggle's: label,pixel1,...)")
+            if len(header) != 1 + IMAGE_SIDE**2:
+                raise UserError(f"{path} has {len(header) - 1} pixel columns; Kaggle's Fashion-MNIST CSV has 784")
+            with warnings.catch_warnings():  # an empty file warns as well as giving no rows
+                warnings.simplefilter("ignore")
+                rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2, comments=None)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text CSV file") from None
+    except ValueError:
+        raise UserError(first_bad_row(path, len(header))) from None
+    if not rows.size:
+        raise UserError(f"{path} has a header but no images")
+    if rows.min() < 0 or rows.max() > 255:
+        line = 2 + int(np.flatnonzero(((rows < 0) | (rows > 255)).any(axis=1))[0])
+        raise UserError(f"line {line} of {path} has a value outside 0..255")
+    label = header.index("label")
+    return rows[:, pixel_columns(header, label)].astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE), \
+        rows[:, label].astype(np.uint8)
+
+
+def pixel_columns(header: list[str], label: int) -> list[int]:
+    """The CSV columns of the pixels in image order: by number if they are named pixel1..pixel784, else as given."""
+    pixels = [i for i in range(len(header)) if i != label]
+    numbers = [int(header[i][5:]) if re.fullmatch(r"pixel\d+", header[i]) else 0 for i in pixels]
+    if sorted(numbers) != list(range(1, 1 + IMAGE_SIDE**2)):
+        return pixels
+    return [i for _, i in sorted(zip(numbers, pixels, strict=True))]
+
+
+def first_bad_row(path: Path, columns: int) -> str:
+    """Say which line of a CSV file np.loadtxt could not read as `columns` whole numbers, and why."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            if line == 1 or not row:
+                continue
+            if len(row) != columns:
+                return f"line {line} of {path} has {len(row)} values; expected {columns} (a label and 784 pixels)"
+            bad = next((v for v in row if not v.strip().isdigit()), None)
+            if bad is not None:
+                return f"line {line} of {path} holds {bad!r}, not a whole number from 0 to 255"
+    return f"cannot read {path} as CSV numbers"
+
+
+def data_folder(data_dir: Path) -> Path:
+    """The folder under --data-dir that holds the files: itself, or torchvision's raw/ below it or its parent."""
     if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} is not a folder; point it at the four Fashion-MNIST .gz files")
-    arrays = {key: read_idx(data_dir / name) for key, name in IDX_FILES.items()}
-    return arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"]
+        raise UserError(f"--data-dir {data_dir} is not a folder; point it at the Fashion-MNIST files")
+    for folder in (data_dir, data_dir / "raw", data_dir / "FashionMNIST" / "raw"):
+        if any((folder / name).exists() for name in (*KAGGLE_FILES.values(), *IDX_FILES.values())) or any(
+                (folder / name).with_suffix("").exists() for name in IDX_FILES.values()):
+            return folder
+    raise UserError(f"--data-dir {data_dir} holds no Fashion-MNIST files: give the folder of the four IDX files "
+                    f"({', '.join(IDX_FILES.values())}, gzipped or not), torchvision's root folder, or Kaggle's "
+                    f"{' and '.join(KAGGLE_FILES.values())}")
+
+
+def read_idx_form(folder: Path) -> tuple[Arrays, str] | None:
+    """The four arrays from the IDX files in folder (.gz, uncompressed, or both, which must agree); None if there
+    are none."""
+    copies = {name: [p for p in (folder / name, (folder / name).with_suffix("")) if p.exists()]
+              for name in IDX_FILES.values()}
+    if not any(copies.values()):
+        return None
+    missing = [name for name, found in copies.items() if not found]
+    if missing:
+        raise UserError(f"missing data file {folder / missing[0]} (or {Path(missing[0]).stem}); the folder needs "
+                        f"{', '.join(IDX_FILES.values())}, gzipped or not")
+    arrays = []
+    for found in copies.values():
+        values = [read_idx(p) for p in found]
+        if len(values) == 2 and not np.array_equal(*values):
+            raise UserError(f"{found[0]} and {found[1]} disagree; remove the one that is not the original")
+        arrays.append(values[0])
+    kinds = {"gzipped" if p.suffix == ".gz" else "uncompressed" for found in copies.values() for p in found}
+    return tuple(arrays), " and ".join(sorted(kinds)) + " IDX files"
+
+
+def read_csv_form(folder: Path) -> tuple[Arrays, str] | None:
+    """The four arrays from Kaggle's two CSV files in folder; None if neither is there."""
+    paths = [folder / name for name in KAGGLE_FILES.values()]
+    if not any(p.exists() for p in paths):
+        return None
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise UserError(f"missing data file {missing[0]}; Kaggle's copy is the two files "
+                        f"{' and '.join(KAGGLE_FILES.values())}")
+    (x_train, y_train), (x_test, y_test) = (read_kaggle_csv(p) for p in paths)
+    return (x_train, y_train, x_test, y_test), "Kaggle's CSV files"
+
+
+def read_data_dir(data_dir: Path) -> tuple[Arrays, str]:
+    """The four arrays from --data-dir in whichever form it holds them, and where and in what form they were read.
+    Two forms in one folder must hold the same images and labels."""
+    folder = data_folder(data_dir)
+    forms = [form for form in (read_idx_form(folder), read_csv_form(folder)) if form is not None]
+    if len(forms) == 2 and not all(np.array_equal(a, b) for a, b in zip(forms[0][0], forms[1][0], strict=True)):
+        raise UserError(f"the IDX files and Kaggle's CSV files in {folder} disagree; keep one form")
+    layout = " (torchvision's layout)" if folder != data_dir else ""
+    return forms[0][0], f"{' and '.join(form for _, form in forms)} in {folder}{layout}"
 
 
 def download_with_keras() -> Arrays:
@@ -443,13 +557,14 @@ def check_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
             raise UserError(f"{name} labels go up to {y.max()}; Fashion-MNIST labels are 0..9")
 
 
-def load_arrays(cfg: Config) -> Arrays:
-    """Load and check the data, keeping only the first --limit training images."""
-    x_train, y_train, x_test, y_test = read_idx_folder(cfg.data_dir) if cfg.data_dir else download_with_keras()
+def load_arrays(cfg: Config) -> tuple[Arrays, str]:
+    """Load and check the data, keeping only the first --limit training images; also say where it came from."""
+    arrays, source = read_data_dir(cfg.data_dir) if cfg.data_dir else (download_with_keras(), "keras.datasets")
+    x_train, y_train, x_test, y_test = arrays
     check_arrays(x_train, y_train, x_test, y_test)
     if cfg.limit:
         x_train, y_train = x_train[:cfg.limit], y_train[:cfg.limit]
-    return x_train, y_train, x_test, y_test
+    return (x_train, y_train, x_test, y_test), source
 
 
 def split_data(arrays: Arrays, cfg: Config, seed: int) -> Dataset:
@@ -609,6 +724,7 @@ class TrainResult:
 def train_here(cfg: Config, arrays: Arrays) -> list[TrainResult]:
     """Train every run on this machine, one after another; stop at the first interrupted one."""
     prepare_resume_root(cfg)
+    cfg = with_tensorboard_group(cfg)
     results = []
     for number, (lr, seed) in enumerate(cfg.runs, start=1):
         if len(cfg.runs) > 1:
@@ -651,6 +767,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
         with stops as received:
             callbacks = [run_callback(state, folder, start_epoch, received, stops_stalled),  # first: sees hooks first
                          *([keras.callbacks.SwapEMAWeights()] if cfg.ema else []),  # validate the average
+                         *([tensorboard_log(cfg.tensorboard / run_log_name(cfg, lr, seed))] if cfg.tensorboard else []),
                          keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
                          keras.callbacks.TerminateOnNaN()]
             validation = (data.x_val, keras.utils.to_categorical(data.y_val, len(CLASS_NAMES)))
@@ -824,6 +941,73 @@ def run_callback(state: RunState, folder: Path, start_epoch: Callable[[int], Non
                 self.model.stop_training = True
 
     return Run()
+
+
+# TensorBoard logs
+
+def with_tensorboard_group(cfg: Config) -> Config:
+    """cfg with --tensorboard narrowed to this call's own folder, DIR/<start time>, so that calls never mix their
+    curves; --resume goes on in the interrupted call's folder, whose name the resume journal keeps."""
+    if cfg.tensorboard is None:
+        return cfg
+    journal = resume_root(cfg) / "tensorboard.txt"
+    if cfg.resume and journal.exists() and Path(journal.read_text(encoding="utf-8")).parent == cfg.tensorboard.resolve():
+        return dataclasses.replace(cfg, tensorboard=Path(journal.read_text(encoding="utf-8")))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    names = itertools.chain([stamp], (f"{stamp}-{n}" for n in itertools.count(2)))
+    group = next(cfg.tensorboard / name for name in names if not (cfg.tensorboard / name).exists())
+    if not cfg.ray:
+        write_text(journal, str(group))
+    return dataclasses.replace(cfg, tensorboard=group.resolve())
+
+
+def run_log_name(cfg: Config, lr: float, seed: int) -> str:
+    """A run's TensorBoard folder, named by what tells it from the call's other runs: its rate, its seed, or both."""
+    parts = [f"lr={lr:g}"] if len(cfg.lrs) > 1 or len(cfg.seeds) == 1 else []
+    return ",".join([*parts, *([f"seed={seed}"] if len(cfg.seeds) > 1 else [])])
+
+
+def tensorboard_log(folder: Path) -> Any:
+    """Keras's TensorBoard callback writing into folder, each epoch once (an epoch that a resumed run trains again
+    is not logged twice) and on disk when it ends (a killed run keeps its curves)."""
+    return tensorboard_callback_class()(folder)
+
+
+@functools.cache
+def tensorboard_callback_class() -> type:
+    """keras.callbacks.TensorBoard, skipping the epochs that its folder's log already holds and flushing each."""
+    keras = import_keras()
+
+    class EpochLog(keras.callbacks.TensorBoard):
+        def __init__(self, folder: Path) -> None:
+            super().__init__(log_dir=str(folder), write_graph=False, profile_batch=0)
+            self.logged, self.epoch = logged_epochs(folder / "train"), 0
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.epoch = epoch
+            super().on_epoch_begin(epoch, logs)
+
+        def on_test_end(self, logs: dict | None = None) -> None:
+            super().on_test_end({} if self.epoch in self.logged else logs)
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch not in self.logged:
+                super().on_epoch_end(epoch, logs)
+                for writer in self._writers.values():
+                    writer.flush()
+
+    return EpochLog
+
+
+def logged_epochs(folder: Path) -> set[int]:
+    """The epochs (0-based) whose loss the TensorBoard event files in folder hold."""
+    if not folder.is_dir():
+        return set()
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    return {e.step for e in events.Tensors("epoch_loss")} if "epoch_loss" in events.Tags()["tensors"] else set()
 
 
 # =============================================================================
@@ -2136,8 +2320,7 @@ def check_writable(*folders: Path) -> None:
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as e:
-            raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another folder "
-                            "with --plots-dir / --model-path") from None
+            raise UserError(f"cannot write to {folder} ({e.strerror or e}); choose another folder") from None
 
 
 def json_safe(value: Any) -> Any:
@@ -2329,7 +2512,7 @@ def use_task_cpus() -> None:
 def ray_task(cfg: Config, lr: float, seed: int) -> dict[str, Any]:
     """One run as a Ray task on whichever node Ray picks; the node reads the data itself."""
     use_task_cpus()
-    data = split_data(load_arrays(cfg), cfg, seed)
+    data = split_data(load_arrays(cfg)[0], cfg, seed)
     with tempfile.TemporaryDirectory(prefix="fashion_cnn_run_") as folder:
         r = train(dataclasses.replace(cfg, resume=False), data, lr, seed, Path(folder),
                   handle_signals=False)
@@ -2354,7 +2537,8 @@ def train_on_ray(cfg: Config, task: Any = ray_task) -> list[TrainResult]:
     """Run every (rate, seed) as a Ray task; a task that still fails after its retries is reported as failed."""
     ray, connected = connect_ray(cfg.ray or "local")
     try:
-        shipped = dataclasses.replace(cfg, data_dir=cfg.data_dir.resolve() if cfg.data_dir else None)
+        shipped = dataclasses.replace(with_tensorboard_group(cfg),
+                                      data_dir=cfg.data_dir.resolve() if cfg.data_dir else None)
         resources = ray.cluster_resources()
         gpus = 1 if resources.get("GPU", 0) >= 1 else 0
         remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=RAY_RETRIES, retry_exceptions=True)(task)

@@ -148,7 +148,7 @@ def worker(variant: str, data_dir: Path, limit: int | None) -> int:
     flags += ["--data-dir", str(data_dir), *(["--limit", str(limit)] if limit else [])]
     cfg = cnn.parse_args(flags + extra_flags)
     chosen, _ = cnn.set_precision(cfg.precision)
-    data = cnn.split_data(cnn.load_arrays(cfg), cfg, seed=0)
+    data = cnn.split_data(cnn.load_arrays(cfg)[0], cfg, seed=0)
     cnn.seed_everything(0)
     steps = -(-len(data.y_train) // cfg.batch_size)
     model = cnn.build_model(cfg, cfg.lr, steps)

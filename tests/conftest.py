@@ -51,6 +51,13 @@ def write_idx_gz(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(idx_bytes(array), compresslevel=1))
 
 
+def write_kaggle_csv(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write images and labels as Kaggle's Fashion-MNIST CSV does: a header, then label and 784 pixels a row."""
+    header = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
+    rows = np.column_stack([labels, images.reshape(len(images), -1)])
+    np.savetxt(path, rows, fmt="%d", delimiter=",", header=header, comments="")
+
+
 def synthetic_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Images of shape class `label` (SHAPES) on noise."""
     rng = np.random.default_rng(seed)

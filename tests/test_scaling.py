@@ -100,7 +100,7 @@ def test_ray_retries_a_failing_run_then_reports_it_and_writes_the_rest(tmp_path:
 
     cfg = cnn.parse_args(["--data-dir", str(data_dir), "--plots-dir", str(tmp_path / "plots"),
                           "--model-path", str(tmp_path / "m.keras"), *TINY, "--lr", "0.01", "0.003", "--ray"])
-    arrays = cnn.load_arrays(cfg)
+    arrays, _ = cnn.load_arrays(cfg)
     results = cnn.train_on_ray(cfg, task=flaky)
     assert len(list(attempts.iterdir())) == 1 + cnn.RAY_RETRIES
     assert results[0].failed is None and results[0].model is not None

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Train, study and use a convolutional network on Zalando's Fashion-MNIST.
 
-Loads Fashion-MNIST (through ``keras.datasets`` or, offline, from the four IDX ``.gz``
-files with ``--data-dir``), trains Conv2D(128, 3x3) -> MaxPooling2D -> Dropout ->
+Loads Fashion-MNIST (through ``keras.datasets`` or, offline, ``--data-dir``: the IDX files,
+torchvision's or Kaggle's copy), trains Conv2D(128, 3x3) -> MaxPooling2D -> Dropout ->
 Conv2D(128, 3x3) -> MaxPooling2D -> Dropout -> Flatten -> Dense -> Dropout -> Dense(10)
 for 20 epochs with Adam at learning rate 0.001 in batches of 64 on a stratified 80/20
 train/validation split (label smoothing 0.1, an exponential moving average of the weights,
 1-pixel random shifts), keeps the epoch with the best validation accuracy, tests it once
 on the 10,000 test images (averaging each over its 1-pixel moves), and writes plots,
-metrics and the model. Several ``--lr`` values run the learning-rate study (stopping
-rates that cannot learn), several ``--seed`` values report the mean and spread, ``--ray``
-spreads the runs over a Ray cluster; ``--predict`` classifies your own images.
+metrics, the model and (``--tensorboard``) TensorBoard logs. Several ``--lr`` values run
+the learning-rate study (stopping rates that cannot learn), several ``--seed`` values
+report the mean and spread, ``--ray`` spreads the runs over a Ray cluster; ``--predict``
+classifies your own images.
 
 Result: test accuracy 93.81% +- 0.14% over seeds 0-2 with the defaults, on a 2-core
 AMD EPYC (Zen 5) CPU in bfloat16 (93.77% +- 0.23% in float32, 1.4x slower there);
@@ -531,8 +532,8 @@ def read_data_dir(data_dir: Path) -> tuple[Arrays, str]:
     forms = [form for form in (read_idx_form(folder), read_csv_form(folder)) if form is not None]
     if len(forms) == 2 and not all(np.array_equal(a, b) for a, b in zip(forms[0][0], forms[1][0], strict=True)):
         raise UserError(f"the IDX files and Kaggle's CSV files in {folder} disagree; keep one form")
-    layout = " (torchvision's layout)" if folder != data_dir else ""
-    return forms[0][0], f"{' and '.join(form for _, form in forms)} in {folder}{layout}"
+    where = f"torchvision's layout, {folder}" if folder != data_dir else str(folder)
+    return forms[0][0], f"{' and '.join(form for _, form in forms)} in {where}"
 
 
 def download_with_keras() -> Arrays:

@@ -235,8 +235,8 @@ def test_cli_names_a_broken_csv_in_one_line_before_training(tmp_path: Path) -> N
     break_form(passed, "a row of 783 pixels")
     proc = run_cli("--data-dir", passed, "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: line 6 of {passed / 'fashion-mnist_train.csv'} has 784 "
-                                               "values; expected 785 (a label and 784 pixels)"]
+    said = f"error: line 6 of {passed / 'fashion-mnist_train.csv'} has 784 values; expected 785 (a label and 784 pixels)"
+    assert proc.stderr.strip().splitlines() == [said]
     assert not (tmp_path / "m.keras").exists() and "Epoch" not in proc.stdout
 
 

@@ -79,6 +79,11 @@ IDX_FILES = {
 KAGGLE_FILES = {"train": "fashion-mnist_train.csv", "test": "fashion-mnist_test.csv"}
 MODEL_NOTES = "convolutionalnn.json"  # inside the saved .keras archive: what --predict needs beyond the model
 BEST_MONITOR = "val_accuracy"  # the kept epoch; accuracy is the figure reported, and val_loss bottoms out earlier
+BACKENDS = {  # Keras backend -> (the module it needs, how to install it)
+    "tensorflow": ("tensorflow", "pip install -r requirements.txt"),
+    "jax": ("jax", "pip install 'jax[cpu]' (an NVIDIA GPU: 'jax[cuda12]')"),
+    "torch": ("torch", "pip install torch --index-url https://download.pytorch.org/whl/cpu (a GPU: pip install torch)"),
+}
 EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED, EXIT_SIGINT = 1, 2, 3, 130
 
 
@@ -196,6 +201,9 @@ class Config:
     precision: str = setting("auto", "arithmetic: float32, or mixed bfloat16/float16 (float32 weights); auto picks "
                              "the fastest this CPU or GPU runs well and says which",
                              choices=("auto", "float32", "bfloat16", "float16"), group="hardware")
+    backend: str | None = setting(None, "Keras backend to train and predict on; none given: $KERAS_BACKEND, else "
+                                  "tensorflow (TensorFlow still feeds the batches)", choices=tuple(BACKENDS),
+                                  group="hardware", resume_must_match=True)
     distribute: str = setting("none", "mirrored: train one run on every local GPU with tf.distribute."
                               "MirroredStrategy, --batch-size being the global batch", choices=("none", "mirrored"),
                               group="hardware")
@@ -269,6 +277,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error("--resume applies to training runs on this machine, not to --predict or --ray")
     if a.ray not in (None, "local", "auto") and not ray_address_parts(a.ray):
         parser.error(f"--ray {a.ray}: give HOST:PORT, auto, or no value for a local Ray instance")
+    a.backend = a.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    if a.backend not in BACKENDS:
+        parser.error(f"KERAS_BACKEND={a.backend} is not a backend this script runs on; use {', '.join(BACKENDS)}")
+    if a.distribute != "none" and a.backend != "tensorflow":
+        parser.error(f"--distribute mirrored is TensorFlow's MirroredStrategy; it needs --backend tensorflow, "
+                     f"not {a.backend}")
     if a.ray and a.distribute != "none":
         parser.error("--ray and --distribute mirrored do not combine; Ray gives each run its own devices")
     if a.predict and any(getattr(a, k) != parser.get_default(k) for k in ("tta", "shift", "flip")):
@@ -304,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Classify images, or train, choose, test and report; known problems become one line and an exit code."""
     try:
         cfg = parse_args(argv)
+        use_backend(cfg.backend)
         return predict(cfg) if cfg.predict else train_and_report(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -752,7 +767,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
     """Train one model at rate lr with seed (or resume it from folder); it ends holding its best epoch's weights."""
     keras = import_keras()
     precision, why = set_precision(cfg.precision)
-    print(f"Precision: {precision} ({why})", flush=True)
+    print(f"Backend: {keras.backend.backend()}; precision: {precision} ({why})", flush=True)
     seed_everything(seed)
     state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
     with distribution_scope(cfg.distribute):
@@ -1150,7 +1165,7 @@ def save_model(cfg: Config, model: Any, path: Path) -> None:
     trained_with = model.optimizer
     inner = getattr(trained_with, "inner_optimizer", trained_with)  # float16 wraps it in a LossScaleOptimizer
     if type(inner) is not keras.optimizers.Adam:
-        with model.distribute_strategy.scope():  # the strategy the model's variables were made in
+        with distribution_scope_of(model):
             adam = keras.optimizers.Adam.from_config({**inner.get_config(), "name": "adam"})
             adam.build(model.trainable_variables)  # else loading it warns that its variables are missing
             model.compile(optimizer=adam, loss=model.loss, metrics=["accuracy"])
@@ -1158,6 +1173,13 @@ def save_model(cfg: Config, model: Any, path: Path) -> None:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:  # Keras ignores the extra entry; --predict reads it
             archive.writestr(MODEL_NOTES, json.dumps({"test_time_augmentation": test_time_augmentation(cfg)}))
+
+
+def distribution_scope_of(model: Any) -> contextlib.AbstractContextManager:
+    """The tf.distribute strategy's scope the model's variables were made in (TensorFlow only; JAX and PyTorch
+    have no such thing)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def pyplot() -> Any:
@@ -2088,8 +2110,21 @@ def native_stderr_filtered(min_level: int) -> Iterator[None]:
             sys.stderr.flush()
 
 
+def use_backend(backend: str) -> None:
+    """Make Keras load on `backend` (KERAS_BACKEND), or say in one line what to install or why it cannot be."""
+    module, install = BACKENDS[backend]
+    for needed in {module, "tensorflow"}:  # tf.data feeds the batches on every backend
+        if importlib.util.find_spec(needed) is None:
+            raise UserError(f"the {backend} backend needs {needed}, which is not installed: "
+                            f"{install if needed == module else BACKENDS['tensorflow'][1]}")
+    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
+        raise UserError(f"Keras is already loaded on {sys.modules['keras'].backend.backend()} in this process; "
+                        f"start a new one for --backend {backend}")
+    os.environ["KERAS_BACKEND"] = backend
+
+
 def import_keras() -> Any:
-    """Keras (on TensorFlow), imported once with TensorFlow's start-up log lines kept off stderr.
+    """Keras (on the backend use_backend chose), imported once with TensorFlow's start-up log lines kept off stderr.
 
     Every use of TensorFlow or Keras in this script goes through here (or import_tensorflow), so that no
     path (training, the study, --predict, Ray tasks) prints them.
@@ -2512,6 +2547,7 @@ def use_task_cpus() -> None:
 
 def ray_task(cfg: Config, lr: float, seed: int) -> dict[str, Any]:
     """One run as a Ray task on whichever node Ray picks; the node reads the data itself."""
+    use_backend(cfg.backend)
     use_task_cpus()
     data = split_data(load_arrays(cfg)[0], cfg, seed)
     with tempfile.TemporaryDirectory(prefix="fashion_cnn_run_") as folder:

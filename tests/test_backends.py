@@ -1,0 +1,82 @@
+"""--backend and KERAS_BACKEND: which Keras backend trains and predicts, one-line refusals, portable models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import ConvolutionalNN as cnn
+from conftest import TINY, call_main, class_image, run_cli
+
+HAS_JAX = importlib.util.find_spec("jax") is not None
+
+
+@pytest.mark.parametrize(("flag", "variable", "chosen"), [
+    (None, None, "tensorflow"),
+    (None, "jax", "jax"),
+    ("tensorflow", "jax", "tensorflow"),
+    ("torch", "tensorflow", "torch"),
+])
+def test_the_flag_wins_over_keras_backend_which_wins_over_tensorflow(
+        monkeypatch: pytest.MonkeyPatch, flag: str | None, variable: str | None, chosen: str) -> None:
+    if variable is None:
+        monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("KERAS_BACKEND", variable)
+    assert cnn.parse_args(["--backend", flag] if flag else []).backend == chosen
+
+
+def test_an_unknown_keras_backend_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    proc = run_cli("--epochs", "1", env={"KERAS_BACKEND": "numpy"})
+    assert proc.returncode == cnn.EXIT_USAGE
+    said = ("ConvolutionalNN.py: error: KERAS_BACKEND=numpy is not a backend this script runs on; use tensorflow, "
+            "jax, torch (see --help)")
+    assert proc.stderr.strip().splitlines() == [said]
+
+
+def test_a_missing_backend_package_is_one_line_before_the_data_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(cnn.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    ran = call_main("--backend", "torch", "--data-dir", tmp_path / "nowhere", "--plots-dir", tmp_path / "p",
+                    "--model-path", tmp_path / "m.keras")
+    assert ran.returncode == 1 and ran.stdout == ""
+    assert ran.stderr.startswith("error: the torch backend needs torch, which is not installed: pip install torch")
+    assert len(ran.stderr.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
+
+
+def test_mirrored_on_another_backend_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cnn.main(["--backend", "jax", "--distribute", "mirrored"])
+    assert stop.value.code == cnn.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--distribute mirrored is TensorFlow's MirroredStrategy" in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_JAX, reason="JAX is not installed (requirements-dev.txt installs it)")
+def test_a_model_trained_on_jax_writes_every_output_and_predicts_the_same_on_tensorflow(
+        tmp_path: Path, data_dir: Path) -> None:
+    trained = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path / "plots", "--model-path",
+                      tmp_path / "m.keras", *TINY, "--limit", "1600", env={"KERAS_BACKEND": "jax"})
+    assert trained.returncode == 0, trained.stderr
+    assert "Backend: jax;" in trained.stdout and "Traceback" not in trained.stderr
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "accuracy.png", "architecture.png", "confusion_matrix.png", "history.csv", "loss.png", "metrics.json",
+        "predictions.png"]
+    metrics = json.loads((tmp_path / "plots" / "metrics.json").read_text())
+    assert metrics["config"]["backend"] == "jax" and metrics["test_accuracy"] > 0.3
+    from PIL import Image
+    for label in range(10):
+        Image.fromarray(class_image(label, seed=7)).save(tmp_path / f"{label}.png")
+    classes = {}
+    for backend in ("jax", "tensorflow"):
+        proc = run_cli("--predict", *sorted(tmp_path.glob("*.png")), "--model-path", tmp_path / "m.keras",
+                       "--plots-dir", tmp_path / backend, "--json", "--backend", backend)
+        assert proc.returncode == 0, proc.stderr
+        classes[backend] = [(r["class"], round(r["probability"], 5)) for r in json.loads(proc.stdout)]
+    assert classes["jax"] == classes["tensorflow"]

@@ -204,8 +204,9 @@ class Config:
     backend: str | None = setting(None, "Keras backend to train and predict on; none given: $KERAS_BACKEND, else "
                                   "tensorflow (TensorFlow still feeds the batches)", choices=tuple(BACKENDS),
                                   group="hardware", resume_must_match=True)
-    distribute: str = setting("none", "mirrored: train one run on every local GPU with tf.distribute."
-                              "MirroredStrategy, --batch-size being the global batch", choices=("none", "mirrored"),
+    distribute: str = setting("none", "mirrored: train one run on every local GPU (tf.distribute.MirroredStrategy "
+                              "on TensorFlow, keras.distribution.DataParallel on JAX), --batch-size being the global "
+                              "batch", choices=("none", "mirrored"),
                               group="hardware")
     ray: str | None = setting(None, "train the runs (rates x seeds) as Ray tasks: on a local Ray instance, or on "
                               "the cluster at ADDRESS (host:port, or auto)", nargs="?", const="local",
@@ -280,8 +281,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     a.backend = a.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
     if a.backend not in BACKENDS:
         parser.error(f"KERAS_BACKEND={a.backend} is not a backend this script runs on; use {', '.join(BACKENDS)}")
-    if a.distribute != "none" and a.backend != "tensorflow":
-        parser.error(f"--distribute mirrored is TensorFlow's MirroredStrategy; it needs --backend tensorflow, "
+    if a.distribute != "none" and a.backend not in ("tensorflow", "jax"):
+        parser.error(f"--distribute mirrored needs --backend tensorflow (MirroredStrategy) or jax (DataParallel), "
                      f"not {a.backend}")
     if a.ray and a.distribute != "none":
         parser.error("--ray and --distribute mirrored do not combine; Ray gives each run its own devices")
@@ -2465,10 +2466,17 @@ def set_precision(requested: str) -> tuple[str, str]:
 
 
 def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
-    """Where to build the model: a MirroredStrategy's scope with --distribute mirrored, else nowhere special."""
+    """Where to build the model: with --distribute mirrored a MirroredStrategy's scope on TensorFlow (on JAX,
+    Keras's DataParallel is set for the process instead), else nowhere special."""
     if distribute != "mirrored":
         return contextlib.nullcontext()
-    tf = import_tensorflow()
+    keras, tf = import_keras(), import_tensorflow()
+    if keras.backend.backend() == "jax":
+        devices = keras.distribution.list_devices()  # the GPUs (or TPUs), else the CPU devices
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        print(f"DataParallel: {len(devices)} replica(s) on {', '.join(devices)}; --batch-size is split across them",
+              flush=True)
+        return contextlib.nullcontext()
 
     # Every GPU; without one, every logical CPU device (one, unless the caller split the CPU for testing).
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")

@@ -49,12 +49,14 @@ def test_a_missing_backend_package_is_one_line_before_the_data_is_read(
     assert len(ran.stderr.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
-def test_mirrored_on_another_backend_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_mirrored_on_torch_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
-        cnn.main(["--backend", "jax", "--distribute", "mirrored"])
+        cnn.main(["--backend", "torch", "--distribute", "mirrored"])
     assert stop.value.code == cnn.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--distribute mirrored is TensorFlow's MirroredStrategy" in err[0]
+    said = ("ConvolutionalNN.py: error: --distribute mirrored needs --backend tensorflow (MirroredStrategy) or jax "
+            "(DataParallel), not torch (see --help)")
+    assert err == [said]
 
 
 @pytest.mark.slow
@@ -80,3 +82,20 @@ def test_a_model_trained_on_jax_writes_every_output_and_predicts_the_same_on_ten
         assert proc.returncode == 0, proc.stderr
         classes[backend] = [(r["class"], round(r["probability"], 5)) for r in json.loads(proc.stdout)]
     assert classes["jax"] == classes["tensorflow"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_JAX, reason="JAX is not installed (requirements-dev.txt installs it)")
+def test_mirrored_on_jax_is_data_parallel_over_two_cpu_devices_and_matches_one_device(
+        tmp_path: Path, data_dir: Path) -> None:
+    runs = {}
+    for name, env in (("one", {}), ("two", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})):
+        flags = ["--distribute", "mirrored"] if name == "two" else []
+        proc = run_cli("--data-dir", data_dir, "--plots-dir", tmp_path / name, "--model-path", tmp_path / f"{name}.keras",
+                       *TINY, "--backend", "jax", *flags, env=env)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert "DataParallel: 2 replica(s) on cpu:0, cpu:1" in proc.stdout
+    # One global random state draws the same dropout masks for both replicas' halves: the same run, to rounding.
+    assert runs["two"]["history"]["val_loss"] == pytest.approx(runs["one"]["history"]["val_loss"], rel=1e-5)
+    assert runs["two"]["test_accuracy"] == pytest.approx(runs["one"]["test_accuracy"], abs=0.005)

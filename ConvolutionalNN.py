@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -668,10 +669,10 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
         model.add(layers.Conv2D(cfg.filters, cfg.kernel_size, padding=cfg.padding,
                                 activation="relu", name=f"conv{block}"))
         model.add(layers.MaxPooling2D(2, name=f"pool{block}"))
-        model.add(layers.Dropout(cfg.conv_dropout, name=f"dropout{block}"))
+        model.add(seeded_dropout(cfg.conv_dropout, f"dropout{block}"))
     model.add(layers.Flatten(name="flatten"))
     model.add(layers.Dense(cfg.dense_units, activation="relu", name="dense"))
-    model.add(layers.Dropout(cfg.dropout, name="dropout3"))
+    model.add(seeded_dropout(cfg.dropout, "dropout3"))
     model.add(layers.Dense(len(CLASS_NAMES), activation="softmax", dtype="float32", name="class_probabilities"))
     schedule: Any = lr
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
@@ -686,6 +687,14 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
     return model
+
+
+def seeded_dropout(rate: float, name: str) -> Any:
+    """keras.layers.Dropout with its seed drawn as Keras draws it for a layer without one, so TensorFlow and JAX
+    get the very masks they got before; on PyTorch an unseeded Dropout draws from torch's global random state,
+    which a resumed run cannot restore, while a seeded one follows the layer's seed state (keyed by epoch)."""
+    seed = random.randint(1, int(1e9)) if rate > 0 else None  # keras.random.SeedGenerator's make_default_seed
+    return import_keras().layers.Dropout(rate, seed=seed, name=name)
 
 
 EMA_WARM_UP = 10  # the average's momentum at step t is at most (1 + t) / (EMA_WARM_UP + t)
@@ -1172,8 +1181,28 @@ def save_model(cfg: Config, model: Any, path: Path) -> None:
             model.compile(optimizer=adam, loss=model.loss, metrics=["accuracy"])
     with atomic_path(path) as tmp:
         model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as archive:  # Keras ignores the extra entry; --predict reads it
-            archive.writestr(MODEL_NOTES, json.dumps({"test_time_augmentation": test_time_augmentation(cfg)}))
+        finish_archive(tmp, {"test_time_augmentation": test_time_augmentation(cfg)})
+
+
+def finish_archive(path: Path, notes: dict[str, Any]) -> None:
+    """Add the notes --predict needs to a saved .keras archive (Keras ignores the extra entry), and record its
+    optimizer as every backend loads it: on PyTorch, Keras names its Adam by a module that imports torch."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            archive.writestr(info, portable_config(data) if info.filename == "config.json" else data)
+        archive.writestr(MODEL_NOTES, json.dumps(notes))
+
+
+def portable_config(data: bytes) -> bytes:
+    """A saved model's config.json with a backend's own optimizer class named by keras.optimizers, as TensorFlow
+    and JAX save it (the same class, config and variables)."""
+    config = json.loads(data)
+    optimizer = config.get("compile_config", {}).get("optimizer")
+    if isinstance(optimizer, dict) and str(optimizer.get("module", "")).startswith("keras.src.backend."):
+        optimizer.update(module="keras.optimizers", registered_name=None)
+    return json.dumps(config).encode()
 
 
 def distribution_scope_of(model: Any) -> contextlib.AbstractContextManager:

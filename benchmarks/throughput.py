@@ -18,6 +18,8 @@ validation images), for --repeats rounds, so that machine noise hits them alike.
   program-bf16    the program's path in mixed bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
   program-float32 the program's path in float32 (what --precision auto gains where it picks bfloat16)
   program-spe8    the program's path compiled with steps_per_execution=8 (Keras runs 8 steps per call)
+  program-jax     the program's path on Keras's JAX backend (--backend jax; tf.data still feeds the batches)
+  program-torch   the same on the PyTorch backend (--backend torch; run this script with a Python that has torch)
 
 Prints, per variant, the median seconds per epoch (training and validation), the images/s that makes (48,000
 training images over the whole epoch), the ratio to keras-float32, and the fraction of this machine's matmul
@@ -56,6 +58,8 @@ VARIANTS = {  # name: (environment it needs, precision, program's path?, extra f
     "program-bf16": ({}, "bfloat16", True, []),
     "program-float32": ({}, "float32", True, []),
     "program-spe8": ({}, "auto", True, []),
+    "program-jax": ({"KERAS_BACKEND": "jax"}, "auto", True, []),
+    "program-torch": ({"KERAS_BACKEND": "torch"}, "auto", True, []),
 }
 STEPS_PER_EXECUTION = {"program-spe8": 8}  # variants that run several steps per call; the rest 1
 DEFAULT_VARIANTS = ["keras-float32", "program-eigen", "program", "program-no-levers"]
@@ -99,7 +103,7 @@ def main() -> int:
 
 def start_worker(variant: str, data_dir: Path, limit: int | None) -> subprocess.Popen[str]:
     """A process that trains variant one epoch at a time, on request."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", KERAS_BACKEND="tensorflow")  # unless the variant says otherwise
     for key, value in VARIANTS[variant][0].items():
         env.pop(key, None) if value is None else env.__setitem__(key, value)
     limit_flag = ["--limit", str(limit)] if limit else []
@@ -143,10 +147,11 @@ def print_table(ready: dict[str, dict], epochs: dict[str, list[dict]]) -> None:
 def worker(variant: str, data_dir: Path, limit: int | None) -> int:
     """Build the variant, warm it up, then train one whole epoch per 'epoch' line on stdin."""
     _, precision, program, extra_flags = VARIANTS[variant]
-    keras = cnn.import_keras()
     flags = ["--precision", precision] if precision != "auto" else []
     flags += ["--data-dir", str(data_dir), *(["--limit", str(limit)] if limit else [])]
     cfg = cnn.parse_args(flags + extra_flags)
+    cnn.use_backend(cfg.backend)  # KERAS_BACKEND, as the driver set it for this variant
+    keras = cnn.import_keras()
     chosen, _ = cnn.set_precision(cfg.precision)
     data = cnn.split_data(cnn.load_arrays(cfg)[0], cfg, seed=0)
     cnn.seed_everything(0)
@@ -177,12 +182,18 @@ def worker(variant: str, data_dir: Path, limit: int | None) -> int:
             n = steps * cfg.batch_size if steps else len(x_train)
             model.fit(x_train[:n], y_train[:n], batch_size=cfg.batch_size, initial_epoch=epoch, epochs=epoch + 1,
                       validation_data=(x_val, y_val), verbose=0, shuffle=True)
-        return {"train_images": len(data.y_train), "val_images": len(data.y_val), "epoch_s": time.perf_counter() - start}
+        seconds = time.perf_counter() - start
+        # At the end of fit Keras copies the weight average into the weights (use_ema); on JAX the two then share
+        # one buffer, which the next fit donates twice ("Attempt to donate the same buffer twice"): part them.
+        for variable in model.trainable_variables:
+            variable.assign(keras.ops.copy(variable))
+        return {"train_images": len(data.y_train), "val_images": len(data.y_val), "epoch_s": seconds}
 
     one_epoch(0, steps=30)  # traces the functions
     from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer, after its CPU check
 
-    reply({"precision": chosen, "onednn": "on" if _pywrap_util_port.IsMklEnabled() else "off",
+    onednn = ("on" if _pywrap_util_port.IsMklEnabled() else "off") if cfg.backend == "tensorflow" else "n/a"
+    reply({"precision": chosen, "onednn": onednn,
            "peak_gflops": matmul_peak_gflops(chosen), "flops_per_image": training_flops_per_image(cfg)})
     for epoch, _ in enumerate(sys.stdin, start=1):
         reply(one_epoch(epoch))

@@ -976,15 +976,16 @@ def with_tensorboard_group(cfg: Config) -> Config:
     curves; --resume goes on in the interrupted call's folder, whose name the resume journal keeps."""
     if cfg.tensorboard is None:
         return cfg
-    journal = resume_root(cfg) / "tensorboard.txt"
-    if cfg.resume and journal.exists() and Path(journal.read_text(encoding="utf-8")).parent == cfg.tensorboard.resolve():
-        return dataclasses.replace(cfg, tensorboard=Path(journal.read_text(encoding="utf-8")))
+    root, journal = cfg.tensorboard.resolve(), resume_root(cfg) / "tensorboard.txt"
+    saved = Path(journal.read_text(encoding="utf-8")) if cfg.resume and journal.exists() else None
+    if saved is not None and saved.parent == root:
+        return dataclasses.replace(cfg, tensorboard=saved)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = itertools.chain([stamp], (f"{stamp}-{n}" for n in itertools.count(2)))
-    group = next(cfg.tensorboard / name for name in names if not (cfg.tensorboard / name).exists())
+    group = next(root / name for name in names if not (root / name).exists())
     if not cfg.ray:
         write_text(journal, str(group))
-    return dataclasses.replace(cfg, tensorboard=group.resolve())
+    return dataclasses.replace(cfg, tensorboard=group)
 
 
 def run_log_name(cfg: Config, lr: float, seed: int) -> str:

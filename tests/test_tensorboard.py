@@ -114,7 +114,7 @@ def test_a_study_logs_each_rate_as_its_own_run(tmp_path: Path, data_dir: Path) -
 @pytest.mark.slow
 def test_a_resumed_run_continues_its_log_with_each_epoch_once(tmp_path: Path, data_dir: Path) -> None:
     logs = tmp_path / "logs"
-    flags = run_flags(tmp_path, data_dir, "--tensorboard", str(logs))
+    flags = run_flags(tmp_path, data_dir, "--tensorboard", "logs")  # relative, as users type it; cwd is tmp_path
     stopped = stop_in_epoch(flags, 3, signal.SIGINT)
     assert stopped.returncode == cnn.EXIT_SIGINT, stopped.stderr
     run = only_call(logs) / "lr=0.01"

@@ -1920,15 +1920,18 @@ def item_mask(contrast: np.ndarray) -> np.ndarray:
 
 
 def segment_item(work: np.ndarray, first_guess: np.ndarray) -> np.ndarray:
-    """The item's pixels by OpenCV's GrabCut (colour models of item and background, and a graph cut between
-    them), seeded by item_mask's first guess, then tidied by tidy_item. The guess's core is surely the item, the
-    rest of it probably; the border band outside it is surely background (an item may touch the edges), the rest
-    probably. With no first guess (a patterned floor, a light item on a light wall), the centre is probably the
-    item. Real photos differ from the first guess most where the item's colours or print are near the
-    background's; docs/RESULTS.md has the measurements."""
+    """The item's pixels, tidied by tidy_item. A first guess (item_mask) clear of the border band stood out from
+    a background seen all around it and is kept; GrabCut's colour models would move its outline into the grain
+    of a dim photo or onto swatches beside it. Otherwise (the item touches the edges, or nothing stood out)
+    OpenCV's GrabCut (colour models of item and background, and a graph cut between them) finds it, seeded by
+    the first guess: its core is surely the item, the rest of it probably; the border band outside it is surely
+    background, the rest probably. With no first guess (a patterned floor, a light item on a light wall), the
+    centre is probably the item. docs/RESULTS.md has the measurements."""
     import cv2
     from scipy import ndimage
 
+    if first_guess.any() and not (first_guess & border_band(first_guess.shape)).any():
+        return tidy_item(first_guess)
     h, w = first_guess.shape
     seeds = np.full((h, w), cv2.GC_PR_BGD, np.uint8)
     if first_guess.any():

@@ -282,9 +282,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     a.backend = a.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
     if a.backend not in BACKENDS:
         parser.error(f"KERAS_BACKEND={a.backend} is not a backend this script runs on; use {', '.join(BACKENDS)}")
-    if a.distribute != "none" and a.backend not in ("tensorflow", "jax"):
-        parser.error(f"--distribute mirrored needs --backend tensorflow (MirroredStrategy) or jax (DataParallel), "
-                     f"not {a.backend}")
+    if a.distribute != "none" and a.backend not in ("tensorflow", "jax"):  # what the backend has, not a typo: 1
+        raise UserError(f"--distribute mirrored needs --backend tensorflow (MirroredStrategy) or jax "
+                        f"(DataParallel); {a.backend} has no such strategy here")
     if a.ray and a.distribute != "none":
         parser.error("--ray and --distribute mirrored do not combine; Ray gives each run its own devices")
     if a.predict and any(getattr(a, k) != parser.get_default(k) for k in ("tta", "shift", "flip")):

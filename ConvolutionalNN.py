@@ -1000,9 +1000,10 @@ def tensorboard_log(folder: Path) -> Any:
     return tensorboard_callback_class()(folder)
 
 
-@functools.cache
 def tensorboard_callback_class() -> type:
-    """keras.callbacks.TensorBoard, skipping the epochs that its folder's log already holds and flushing each."""
+    """keras.callbacks.TensorBoard, skipping the epochs that its folder's log already holds and flushing each.
+    Made anew on each call, like warmed_up_ema_adam: Ray ships this script's functions to its workers by value,
+    and a functools.cache wrapper only by name, which a worker's __main__ does not have."""
     keras = import_keras()
 
     class EpochLog(keras.callbacks.TensorBoard):

@@ -1931,7 +1931,8 @@ def segment_item(work: np.ndarray, first_guess: np.ndarray) -> np.ndarray:
     import cv2
     from scipy import ndimage
 
-    if first_guess.any() and not (first_guess & border_band(first_guess.shape)).any():
+    band = border_band(first_guess.shape)
+    if first_guess.any() and not (first_guess & band).any():
         return tidy_item(first_guess)
     h, w = first_guess.shape
     seeds = np.full((h, w), cv2.GC_PR_BGD, np.uint8)
@@ -1941,7 +1942,7 @@ def segment_item(work: np.ndarray, first_guess: np.ndarray) -> np.ndarray:
     else:
         dy, dx = round(CENTRE_SEED * h), round(CENTRE_SEED * w)
         seeds[dy:h - dy, dx:w - dx] = cv2.GC_PR_FGD
-    seeds[border_band(work.shape) & ~first_guess] = cv2.GC_BGD
+    seeds[band & ~first_guess] = cv2.GC_BGD
     maybe_item = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
     if maybe_item.all() or not maybe_item.any():  # GrabCut needs both; a picture a few pixels across has no room
         return tidy_item(first_guess)

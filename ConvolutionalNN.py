@@ -1946,6 +1946,8 @@ def segment_item(work: np.ndarray, first_guess: np.ndarray) -> np.ndarray:
     maybe_item = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
     if maybe_item.all() or not maybe_item.any():  # GrabCut needs both; a picture a few pixels across has no room
         return tidy_item(first_guess)
+    if np.ptp(work, axis=(0, 1)).max() < TRIM_LEVEL:  # one colour: nothing to find, and GrabCut takes seconds on it
+        return tidy_item(first_guess)
     rgb = np.clip(np.repeat(work, 3 // work.shape[2], axis=2), 0, 255).astype(np.uint8)
     models = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)  # GrabCut's colour models, its state
     cv2.setRNGSeed(0)  # GrabCut's k-means starts from OpenCV's generator: the same photo, the same mask

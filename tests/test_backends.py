@@ -106,6 +106,7 @@ def test_mirrored_on_jax_is_data_parallel_over_two_cpu_devices_and_matches_one_d
     assert runs["two"]["test_accuracy"] == pytest.approx(runs["one"]["test_accuracy"], abs=0.005)
 
 
+@pytest.mark.keras
 def test_dropout_seeds_are_drawn_as_keras_draws_them_so_tensorflow_keeps_its_masks() -> None:
     keras = cnn.import_keras()
     cnn.random.seed(11)

@@ -208,6 +208,7 @@ def test_a_resumed_study_with_a_stopped_rate_ends_like_an_uninterrupted_one(tmp_
     assert rows["run"][0]["stopped"] == "stopped after epoch 2: stalled at chance level"
 
 
+@pytest.mark.keras
 def test_every_epoch_gets_its_own_batch_order_and_dropout_masks() -> None:
     """fit(shuffle=True) with a seed set gives the same order every epoch; the epoch streams must not."""
     import keras
@@ -247,6 +248,7 @@ def augmentation_of_each_image(images: np.ndarray, seed: int, epoch: int) -> dic
     return {k: (flipped, dy, dx) for k, flipped, dy, dx in found}
 
 
+@pytest.mark.keras
 def test_random_erasing_puts_one_noise_rectangle_in_the_chosen_share_of_images_keyed_by_seed_and_epoch() -> None:
     """--erase 0.5: about half the images of an epoch get a rectangle of 2-40% of the image, the rest are untouched."""
     images = np.zeros((400, 28, 28, 1), np.uint8)
@@ -269,6 +271,7 @@ def test_random_erasing_puts_one_noise_rectangle_in_the_chosen_share_of_images_k
     assert (erased(0) == first).all() and (erased(1) != first).any(), "a function of (seed, epoch)"
 
 
+@pytest.mark.keras
 def test_warm_up_raises_the_learning_rate_from_0_then_the_cosine_decays_it() -> None:
     cfg = cnn.parse_args(["--warmup-epochs", "1", "--epochs", "4", "--filters", "4", "--dense-units", "8"])
     schedule = cnn.build_model(cfg, 0.001, steps_per_epoch=100).optimizer._learning_rate
@@ -288,6 +291,7 @@ def moved(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.keras
 def test_augmented_batches_are_shifted_and_flipped_copies_keyed_by_seed_and_epoch() -> None:
     images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1), dtype=np.uint8)  # no 0: the fill shows
     first = augmentation_of_each_image(images, seed=0, epoch=0)

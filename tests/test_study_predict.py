@@ -258,6 +258,7 @@ def test_predict_refuses_a_file_that_is_not_a_model(tmp_path: Path, content: byt
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.keras
 def test_predict_refuses_a_zip_that_is_not_a_model(tmp_path: Path) -> None:
     img = save_image(tmp_path / "x.png", shirt_like((28, 28), "L", False))
     model = tmp_path / "archive.keras"

@@ -50,6 +50,7 @@ def test_two_calls_in_the_same_second_get_folders_of_their_own(tmp_path: Path) -
     assert first.parent == second.parent == (tmp_path / "logs").resolve() and first != second
 
 
+@pytest.mark.keras
 def test_an_epoch_the_log_already_holds_is_not_written_again(tmp_path: Path) -> None:
     keras = cnn.import_keras()
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])

@@ -13,10 +13,9 @@ the learning-rate study (stopping rates that cannot learn), several ``--seed`` v
 report the mean and spread, ``--ray`` spreads the runs over a Ray cluster; ``--predict``
 classifies your own images.
 
-Result: test accuracy 93.81% +- 0.14% over seeds 0-2 with the defaults, on a 2-core
-AMD EPYC (Zen 5) CPU in bfloat16 (93.77% +- 0.23% in float32, 1.4x slower there);
---predict gives real phone photos of clothes the right kind of garment for 61% and the
-right class for 44% (README.md, docs/RESULTS.md).
+With the defaults it tests above 93.5% (mean over seeds 0-2; the original project: 92%),
+in 7 to 50 minutes a run on a 2-core CPU (AMX to AVX2-only). The figures, the machine and
+commit of each, and how to reproduce it: README.md and the dated log docs/RESULTS.md.
 
     python3 ConvolutionalNN.py                                   # default run
     python3 ConvolutionalNN.py --data-dir ~/fashion-mnist        # offline
@@ -164,7 +163,8 @@ class Config:
     flip: bool = setting(False, "mirror a random half of the training images left-right", action="store_true",
                          resume_must_match=True)
     erase: float = setting(0.0, "random erasing: the share of training images that get one random rectangle "
-                           f"({ERASE_AREA[0] * 100:g}%% to {ERASE_AREA[1] * 100:g}%% of the image) filled with noise (0: off)",
+                           f"({ERASE_AREA[0] * 100:g}%% to {ERASE_AREA[1] * 100:g}%% of the image) filled with noise "
+                           "(0: off)",
                            type=bounded(float, 0, 1), metavar="P", resume_must_match=True)
     tta: bool = setting(True, "test-time augmentation: average each tested image's class probabilities over its "
                         "mirrored (with --flip) and 1-pixel-moved (with --shift) copies; without either, nothing to "
@@ -234,6 +234,21 @@ class Config:
         """Every (learning rate, seed) pair to train, rate by rate; a plain run is the 1 x 1 case."""
         return [(lr, seed) for lr in self.lrs for seed in self.seeds]
 
+    @property
+    def is_study(self) -> bool:
+        """Whether several learning rates are compared: the learning-rate study."""
+        return len(self.lrs) > 1
+
+    @property
+    def several_seeds(self) -> bool:
+        """Whether each rate is trained once per seed, for the mean and spread."""
+        return len(self.seeds) > 1
+
+    @property
+    def single_run(self) -> bool:
+        """One rate, one seed: a plain run."""
+        return len(self.runs) == 1
+
 
 GROUP_TITLES = {"training": "training", "network": "network (the layers stay; their sizes change)",
                 "data": "data and outputs", "hardware": "hardware and scaling", "prediction": "your own images"}
@@ -263,38 +278,39 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> Config:
     """Parse and cross-check the flags; usage problems exit with code 2."""
     parser = build_parser()
-    a = parser.parse_args(argv)
-    if a.model_path.suffix != ".keras":
-        parser.error(f"--model-path {a.model_path} must end in .keras")
-    if a.limit is not None and a.limit < a.batch_size:
-        parser.error(f"--limit {a.limit} is smaller than one batch (--batch-size {a.batch_size})")
-    if a.warmup_epochs >= a.epochs:
-        parser.error(f"--warmup-epochs {a.warmup_epochs:g} leaves nothing of --epochs {a.epochs}; warm up for fewer")
-    if conv_sides(a.kernel_size, a.padding)[1] // 2 < 1:
-        parser.error(f"--kernel-size {a.kernel_size} with --padding valid leaves no pixels; use a smaller kernel")
-    for flag, values in (("--lr", a.lrs), ("--seed", a.seeds)):
+    flags = parser.parse_args(argv)
+    if flags.model_path.suffix != ".keras":
+        parser.error(f"--model-path {flags.model_path} must end in .keras")
+    if flags.limit is not None and flags.limit < flags.batch_size:
+        parser.error(f"--limit {flags.limit} is smaller than one batch (--batch-size {flags.batch_size})")
+    if flags.warmup_epochs >= flags.epochs:
+        parser.error(f"--warmup-epochs {flags.warmup_epochs:g} leaves nothing of --epochs {flags.epochs}; "
+                     "warm up for fewer")
+    if conv_sides(flags.kernel_size, flags.padding)[1] // 2 < 1:
+        parser.error(f"--kernel-size {flags.kernel_size} with --padding valid leaves no pixels; use a smaller kernel")
+    for flag, values in (("--lr", flags.lrs), ("--seed", flags.seeds)):
         if len(set(values)) < len(values):
             parser.error(f"{flag} lists a value twice; give each once")
-    if a.resume and (a.predict or a.ray):
+    if flags.resume and (flags.predict or flags.ray):
         parser.error("--resume applies to training runs on this machine, not to --predict or --ray")
-    if a.ray not in (None, "local", "auto") and not ray_address_parts(a.ray):
-        parser.error(f"--ray {a.ray}: give HOST:PORT, auto, or no value for a local Ray instance")
-    a.backend = a.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
-    if a.backend not in BACKENDS:
-        parser.error(f"KERAS_BACKEND={a.backend} is not a backend this script runs on; use {', '.join(BACKENDS)}")
-    if a.distribute != "none" and a.backend not in ("tensorflow", "jax"):  # what the backend has, not a typo: 1
+    if flags.ray not in (None, "local", "auto") and not ray_address_parts(flags.ray):
+        parser.error(f"--ray {flags.ray}: give HOST:PORT, auto, or no value for a local Ray instance")
+    flags.backend = flags.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    if flags.backend not in BACKENDS:
+        parser.error(f"KERAS_BACKEND={flags.backend} is not a backend this script runs on; use {', '.join(BACKENDS)}")
+    if flags.distribute != "none" and flags.backend not in ("tensorflow", "jax"):  # what the backend has, not a typo: 1
         raise UserError(f"--distribute mirrored needs --backend tensorflow (MirroredStrategy) or jax "
-                        f"(DataParallel); {a.backend} has no such strategy here")
-    if a.ray and a.distribute != "none":
+                        f"(DataParallel); {flags.backend} has no such strategy here")
+    if flags.ray and flags.distribute != "none":
         parser.error("--ray and --distribute mirrored do not combine; Ray gives each run its own devices")
-    if a.predict and any(getattr(a, k) != parser.get_default(k) for k in ("tta", "shift", "flip")):
+    if flags.predict and any(getattr(flags, k) != parser.get_default(k) for k in ("tta", "shift", "flip")):
         parser.error("--predict uses the test-time augmentation the model was trained with; drop --tta/--no-tta, "
                      "--shift and --flip")
-    if a.predict and a.tensorboard:
+    if flags.predict and flags.tensorboard:
         parser.error("--tensorboard applies to training, not to --predict")
-    if a.json_output and not a.predict:
+    if flags.json_output and not flags.predict:
         parser.error("--json only applies to --predict")
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(a).items()})
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(flags).items()})
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:
@@ -343,65 +359,63 @@ def train_and_report(cfg: Config) -> int:
     else:
         check_memory(cfg, available_memory())
     arrays, source = load_arrays(cfg)
-    data = split_data(arrays, cfg, cfg.seed)
+    split = functools.lru_cache(maxsize=1)(functools.partial(split_data, arrays, cfg))  # seed -> its split
+    data = split(cfg.seed)
     print(f"Data: {len(data.y_train)} training, {len(data.y_val)} validation, {len(data.y_test)} test images "
           f"({source})")
     with out_of_memory_as_error():
-        runs = train_on_ray(cfg) if cfg.ray else train_here(cfg, arrays)
-        return report(cfg, arrays, runs)
+        runs = train_on_ray(cfg) if cfg.ray else train_here(cfg, split)
+        code = report(cfg, split, runs)
+    if runs[-1].ended != INTERRUPTED and not cfg.ray:
+        shutil.rmtree(resume_root(cfg), ignore_errors=True)  # done with: nothing is left to resume
+    return code
 
 
-def report(cfg: Config, arrays: Arrays, runs: list[TrainResult]) -> int:
-    """Choose the rate by validation, test its runs, write all outputs as one set, and decide the exit code."""
-    stopped = runs[-1].interrupted_by
+def report(cfg: Config, split: Callable[[int], Dataset], runs: list[TrainResult]) -> int:
+    """Choose the rate by validation, test its runs, write all outputs as one set; the exit code."""
+    interrupted = runs[-1].ended == INTERRUPTED
     chosen = None
-    if stopped is None or len(cfg.runs) == 1:  # an interrupted single run still writes its best epoch so far
+    if not interrupted or cfg.single_run:  # an interrupted single run still writes its best epoch so far
         with output_set("" if cfg.ray else "; to write them without training again, run the same command "
                                            "with --resume"):
-            chosen = choose_rate(cfg, runs)  # never by the test set
+            chosen = choose_rate(cfg, runs) if cfg.is_study else runs  # never by the test set
             if chosen is not None:
-                test_and_write(cfg, arrays, chosen, test=stopped is None)
-    if stopped is None and not cfg.ray:
-        shutil.rmtree(resume_root(cfg), ignore_errors=True)
-    return exit_code(cfg, runs, chosen)
-
-
-def exit_code(cfg: Config, runs: list[TrainResult], chosen: list[TrainResult] | None) -> int:
-    """The one place where what happened becomes the exit code, with a line on stderr when it is not 0."""
-    def fail(code: int, message: str) -> int:
+                test_and_write(cfg, split, chosen, test=not interrupted)
+    message, code = outcome(cfg, runs, chosen)
+    if code:
         print(message, file=sys.stderr)
-        return code
+    return code
 
-    last, rate = runs[-1], f"learning rate {runs[-1].lr:g}"
-    if last.interrupted_by is not None:
-        done = len(last.history.get("loss", []))
-        if len(cfg.runs) > 1:
-            message = (f"Interrupted in run {len(runs)} of {len(cfg.runs)}; the finished runs and the best epoch so "
-                       f"far are saved in {resume_root(cfg)}. To continue, run the same command with --resume.")
-        elif last.best_epoch is None:
-            message = "No epoch finished; nothing was written and earlier outputs are untouched."
-        else:
-            message = (f"Interrupted after {done} of {cfg.epochs} epochs; the best weights so far were saved. "
-                       "To continue, run the same command with --resume.")
-        return fail(128 + last.interrupted_by, message)
+
+def outcome(cfg: Config, runs: list[TrainResult], chosen: list[TrainResult] | None) -> tuple[str, int]:
+    """What happened, in one line, and the exit code that says it: the one place where they are decided."""
+    last, smaller = runs[-1], "Try a smaller --lr."
+    failed = [r for r in runs if r.ended == FAILED]
+    if last.ended == INTERRUPTED:
+        resume = "To continue, run the same command with --resume."
+        if not cfg.single_run:
+            return (f"Interrupted in run {len(runs)} of {len(cfg.runs)}; the finished runs and the best epoch so far "
+                    f"are saved in {resume_root(cfg)}. {resume}"), 128 + last.signal
+        if last.best_epoch is None:
+            return "No epoch finished; nothing was written and earlier outputs are untouched.", 128 + last.signal
+        return (f"Interrupted after {epochs_done(last.history)} of {cfg.epochs} epochs; the best weights so far "
+                f"were saved. {resume}"), 128 + last.signal
     if chosen is None:
-        return fail(EXIT_FAILURE if all(r.failed for r in runs) else EXIT_DIVERGED,
-                    "error: every learning rate diverged or failed; try smaller values.")
-    failed = [r for r in runs if r.failed]
+        return ("error: every learning rate diverged or failed; try smaller values.",
+                EXIT_FAILURE if len(failed) == len(runs) else EXIT_DIVERGED)
     if failed:
         names = ", ".join(f"lr={r.lr:g} seed {r.seed}" for r in failed)
-        return fail(EXIT_FAILURE, f"error: {len(failed)} of {len(runs)} runs failed ({names}); the rest were "
-                                  "reported and written.")
-    if not any(r.best_epoch is not None for r in chosen):
-        return fail(EXIT_DIVERGED, "error: no run of this rate finished an epoch; nothing was written. Try a "
-                    "smaller --lr." if len(chosen) > 1 else f"error: the loss became NaN or infinite at {rate} "
-                    "before any epoch finished; nothing was written. Try a smaller --lr.")
-    if any(r.diverged for r in chosen):
-        return fail(EXIT_DIVERGED, f"error: the loss became NaN or infinite at {rate}; the best weights before that "
-                                   "were kept. Try a smaller --lr." if len(chosen) == 1 else
-                    "error: some seeds diverged (loss became NaN or infinite); their best epochs before that were "
-                    "tested. Try a smaller --lr.")
-    return 0
+        return f"error: {len(failed)} of {len(runs)} runs failed ({names}); the rest were reported and written.", \
+            EXIT_FAILURE
+    nan = f"the loss became NaN or infinite at learning rate {last.lr:g}"
+    if all(r.best_epoch is None for r in chosen):
+        what = "no run of this rate finished an epoch" if len(chosen) > 1 else f"{nan} before any epoch finished"
+        return f"error: {what}; nothing was written. {smaller}", EXIT_DIVERGED
+    if any(r.ended == DIVERGED for r in chosen):
+        kept = "some seeds diverged (loss became NaN or infinite); their best epochs before that were tested" \
+            if len(chosen) > 1 else f"{nan}; the best weights before that were kept"
+        return f"error: {kept}. {smaller}", EXIT_DIVERGED
+    return "", 0
 
 
 # =============================================================================
@@ -633,7 +647,7 @@ def training_memory(cfg: Config) -> dict[str, int]:
         "weights and gradients": weights * 2,
         "optimizer state": weights * 2,  # Adam's two moments
         "the average": weights if cfg.ema else 0,
-        "copies kept": weights * 2,  # the best epoch's weights and the last validated ones (run_callback)
+        "copies kept": weights * 2,  # the best epoch's weights and the last validated ones (RunKeeper)
         "activations of one batch": 4 * per_image * cfg.batch_size * 3,  # outputs, their gradients, dropout masks
     }
 
@@ -682,7 +696,7 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
             0.0 if warmup_steps else lr, decay_steps=max(1, cfg.epochs * steps_per_epoch - warmup_steps),
             alpha=0.0 if cfg.schedule == "cosine" else 1.0, warmup_target=lr if warmup_steps else None,
             warmup_steps=warmup_steps)
-    adam = warmed_up_ema_adam() if cfg.ema else keras.optimizers.Adam
+    adam = on_keras(WarmedUpEMAAdam, "optimizers.Adam") if cfg.ema else keras.optimizers.Adam
     optimizer = adam(schedule, weight_decay=cfg.weight_decay or None, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=["accuracy"])
@@ -700,120 +714,115 @@ def seeded_dropout(rate: float, name: str) -> Any:
 EMA_WARM_UP = 10  # the average's momentum at step t is at most (1 + t) / (EMA_WARM_UP + t)
 
 
-def warmed_up_ema_adam() -> type:
-    """Keras's Adam whose weight average (use_ema) warms up like TensorFlow's ExponentialMovingAverage with
-    num_updates: at step t it moves with momentum min(ema_momentum, (1 + t) / (10 + t)).
+class WarmedUpEMAAdam:
+    """Keras's Adam (on_keras joins them) whose weight average (use_ema) warms up like TensorFlow's
+    ExponentialMovingAverage with num_updates: at step t it moves with momentum at most (1 + t) / (EMA_WARM_UP + t).
 
     Keras averages with the full momentum from the first step, so after a few dozen steps its average is still
     mostly the initial weights, and those are what is validated, kept and tested. The rule needs only the
     optimizer's step count, which BackupAndRestore saves, so a resumed run averages exactly like one that was
-    not interrupted. Used for training only: the saved model carries a plain Adam (save_model). Made anew on each
-    call (not functools.cache'd), since Ray ships this script's functions to its workers by value.
+    not interrupted. Used for training only: the saved model carries a plain Adam (save_model).
     """
-    keras = import_keras()
-    ops = keras.ops
 
-    class WarmedUpEMAAdam(keras.optimizers.Adam):
-        def _update_model_variables_moving_average(self, trainable_variables: list[Any]) -> None:
-            step = ops.cast(self.iterations, "float32")
-            momentum = ops.minimum(self.ema_momentum, (1 + step) / (EMA_WARM_UP + step))
-            for var, average in zip(trainable_variables, self._model_variables_moving_average, strict=True):
-                if average is not None:
-                    m = ops.cast(momentum, var.dtype)
-                    average.assign(m * average + (1 - m) * var)
-
-    return WarmedUpEMAAdam
+    def _update_model_variables_moving_average(self, trainable_variables: list[Any]) -> None:
+        ops = import_keras().ops
+        step = ops.cast(self.iterations, "float32")
+        momentum = ops.minimum(self.ema_momentum, (1 + step) / (EMA_WARM_UP + step))
+        for var, average in zip(trainable_variables, self._model_variables_moving_average, strict=True):
+            if average is not None:
+                m = ops.cast(momentum, var.dtype)
+                average.assign(m * average + (1 - m) * var)
 
 
 # =============================================================================
 # Training one run
 # =============================================================================
 
+COMPLETED, DIVERGED, INTERRUPTED, FAILED = "completed", "diverged", "interrupted", "failed"  # and STALLED: how runs end
+
+
 @dataclasses.dataclass
 class TrainResult:
-    """What one training run produced."""
+    """What one training run produced, and how it ended."""
 
-    model: Any                 # None if the run failed
+    model: Any                       # None if the run failed
     lr: float
+    seed: int
     history: dict[str, list[float]]
-    best_epoch: int | None     # 1-based epoch whose weights the model holds; None if no epoch finished
+    best_epoch: int | None           # 1-based epoch whose weights the model holds; None if no epoch finished
+    best_value: float | None         # BEST_MONITOR at best_epoch
     seconds: float
-    diverged: bool = False
-    interrupted_by: int | None = None  # signal number, if stopped by one
-    seed: int = 0
     precision: str = "float32"
-    best_value: float | None = None    # BEST_MONITOR at best_epoch
-    failed: str | None = None          # why the run failed (a Ray task that could not finish)
-    stopped_because: str | None = None  # why it ended before its last epoch: "diverged" or STALLED (stop_reason)
+    ended: str = COMPLETED           # COMPLETED, DIVERGED, STALLED (a study stopped it), INTERRUPTED or FAILED
+    signal: int | None = None        # INTERRUPTED: by which signal
+    failure: str | None = None       # FAILED: what went wrong (a Ray task that could not finish)
 
 
-def train_here(cfg: Config, arrays: Arrays) -> list[TrainResult]:
+def train_here(cfg: Config, split: Callable[[int], Dataset]) -> list[TrainResult]:
     """Train every run on this machine, one after another; stop at the first interrupted one."""
     prepare_resume_root(cfg)
     cfg = with_tensorboard_group(cfg)
     results = []
     for number, (lr, seed) in enumerate(cfg.runs, start=1):
-        if len(cfg.runs) > 1:
+        if not cfg.single_run:
             print(f"\n{run_banner(cfg, number, lr, seed)}", flush=True)
-        result = train(cfg, split_data(arrays, cfg, seed), lr, seed, run_folder(cfg, lr, seed))
-        results.append(result)
-        if result.interrupted_by is not None:
+        results.append(train(cfg, split(seed), lr, seed, run_folder(cfg, lr, seed)))
+        if results[-1].ended == INTERRUPTED:
             break
-        if result.diverged and len(cfg.runs) > 1:
+        if results[-1].ended == DIVERGED and not cfg.single_run:
             print(f"lr={lr:g}, seed {seed} diverged (loss became NaN or infinite); going on with the other runs.")
     return results
 
 
 def run_banner(cfg: Config, number: int, lr: float, seed: int) -> str:
     """The progress line printed before each run of a study or of several seeds."""
-    rate = (f"Learning-rate study: rate {cfg.lrs.index(lr) + 1} of {len(cfg.lrs)}: lr={lr:g}"
-            if len(cfg.lrs) > 1 else f"lr={lr:g}")
-    seeds = f", seed {seed} ({cfg.seeds.index(seed) + 1} of {len(cfg.seeds)})" if len(cfg.seeds) > 1 else ""
+    rate = f"Learning-rate study: rate {cfg.lrs.index(lr) + 1} of {len(cfg.lrs)}: lr={lr:g}" if cfg.is_study else \
+        f"lr={lr:g}"
+    seeds = f", seed {seed} ({cfg.seeds.index(seed) + 1} of {len(cfg.seeds)})" if cfg.several_seeds else ""
     return f"=== Run {number} of {len(cfg.runs)}: {rate}{seeds} ==="
 
 
 def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
           handle_signals: bool = True) -> TrainResult:
     """Train one model at rate lr with seed (or resume it from folder); it ends holding its best epoch's weights."""
-    keras = import_keras()
     precision, why = set_precision(cfg.precision)
-    print(f"Backend: {keras.backend.backend()}; precision: {precision} ({why})", flush=True)
+    print(f"Backend: {import_keras().backend.backend()}; precision: {precision} ({why})", flush=True)
     seed_everything(seed)
     state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
     with distribution_scope(cfg.distribute):
         model = build_model(cfg, lr, steps_per_epoch=math.ceil(len(data.y_train) / cfg.batch_size))
-    interrupted_by = None
-    stops_stalled = len(cfg.lrs) > 1  # a study stops its dead rates; a single run trains every epoch asked for
-    if stops_stalled and stalled(state.history):  # killed between the stalled epoch and the end of the run
+    if cfg.is_study and stalled(state.history):  # killed between the stalled epoch and the end of the run
         state.finished = True
+    log = cfg.tensorboard / run_log_name(cfg, lr, seed) if cfg.tensorboard else None
+    stopped_by = None
     if not state.finished:
-        batches, start_epoch = epoch_streams(data.x_train, data.y_train, cfg.batch_size, seed, model,
-                                             shift=cfg.shift, flip=cfg.flip, erase=cfg.erase)
-        stops = stop_requests() if handle_signals else contextlib.nullcontext([])
-        with stops as received:
-            callbacks = [run_callback(state, folder, start_epoch, received, stops_stalled),  # first: sees hooks first
-                         *([keras.callbacks.SwapEMAWeights()] if cfg.ema else []),  # validate the average
-                         *([tensorboard_log(cfg.tensorboard / run_log_name(cfg, lr, seed))] if cfg.tensorboard else []),
-                         keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True),
-                         keras.callbacks.TerminateOnNaN()]
-            validation = (data.x_val, keras.utils.to_categorical(data.y_val, len(CLASS_NAMES)))
-            interrupted_by = fit(cfg, model, batches, validation, callbacks, folder)
+        with stop_requests() if handle_signals else contextlib.nullcontext([]) as received:
+            keeper = on_keras(RunKeeper, "callbacks.Callback")(state, folder, received, cfg.is_study)
+            stopped_by = fit(cfg, model, data, seed, keeper, log)
     if state.best_weights is not None:
         model.set_weights(state.best_weights)
-    if interrupted_by is None and not state.finished:
+    if stopped_by is None and not state.finished:
         state.finished = True
         state.save(folder)
         shutil.rmtree(folder / "backup", ignore_errors=True)
-    return TrainResult(model, lr, state.history, state.best_epoch, state.seconds, went_non_finite(state.history),
-                       interrupted_by, seed=seed, precision=precision, best_value=state.best_value,
-                       stopped_because=None if interrupted_by else stop_reason(state.history, cfg.epochs))
+    ended = how_it_ended(state.history, cfg.epochs) if stopped_by is None else INTERRUPTED
+    return TrainResult(model, lr, seed, state.history, best_epoch=state.best_epoch, best_value=state.best_value,
+                       seconds=state.seconds, precision=precision, ended=ended, signal=stopped_by)
 
 
-def fit(cfg: Config, model: Any, batches: Any, validation: tuple[np.ndarray, np.ndarray], callbacks: list[Any],
-        folder: Path) -> int | None:
-    """model.fit over the epoch streams; the number of the signal that stopped it, if one did."""
+def fit(cfg: Config, model: Any, data: Dataset, seed: int, keeper: RunKeeper, log: Path | None) -> int | None:
+    """model.fit over the epoch streams, validating every epoch, with the keeper and (log) TensorBoard; the
+    number of the signal that stopped it, if one did."""
+    keras = import_keras()
+    batches, keeper.start_epoch = epoch_streams(cfg, data.x_train, data.y_train, seed, model)
+    callbacks = [keeper,  # first: sees each hook before the others
+                 *([keras.callbacks.SwapEMAWeights()] if cfg.ema else []),  # validate the average
+                 *([on_keras(EpochLog, "callbacks.TensorBoard")(log)] if log else []),
+                 keras.callbacks.BackupAndRestore(str(keeper.folder / "backup"), double_checkpoint=True),
+                 keras.callbacks.TerminateOnNaN()]
     try:
-        model.fit(batches, validation_data=validation, validation_batch_size=cfg.batch_size, epochs=cfg.epochs,
+        model.fit(batches, validation_data=(data.x_val, keras.utils.to_categorical(data.y_val, len(CLASS_NAMES))),
+                  validation_batch_size=cfg.batch_size, epochs=cfg.epochs,
                   shuffle=False,  # the batches come shuffled, per epoch
                   verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in a log file or pipe
                   callbacks=callbacks)
@@ -822,7 +831,7 @@ def fit(cfg: Config, model: Any, batches: Any, validation: tuple[np.ndarray, np.
     except (OSError, ValueError) as e:
         if not cfg.resume:
             raise
-        raise UserError(f"cannot restore the saved run from {folder} ({first_line(e)}); "
+        raise UserError(f"cannot restore the saved run from {keeper.folder} ({first_line(e)}); "
                         "run without --resume to start afresh") from None
     return None
 
@@ -834,15 +843,13 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, model: Any, *, shift: int = 0,
-                  flip: bool = False, erase: float = 0.0) -> tuple[Any, Callable[[int], None]]:
-    """Training batches (augmented with shift/flip/erase) and dropout masks that are a function of (seed, epoch): a
-    tf.data set of (uint8 images, one-hot labels), and the function that sets the epoch.
-
-    fit(shuffle=True) with a seed set gives the same batch order every epoch, and BackupAndRestore saves
-    neither that nor the dropout layers' random state. Keyed by epoch, every epoch gets a new order and new
-    masks, and a resumed run sees exactly the batches and masks the uninterrupted run would have.
-    """
+def epoch_streams(cfg: Config, x: np.ndarray, y: np.ndarray, seed: int, model: Any
+                  ) -> tuple[Any, Callable[[int], None]]:
+    """Training batches (augmented with --shift, --flip, --erase) and dropout masks that are a function of (seed,
+    epoch): a tf.data set of (uint8 images, one-hot labels), and the function that sets the epoch. fit(shuffle=True)
+    with a seed set gives the same batch order every epoch, and BackupAndRestore saves neither that nor the dropout
+    layers' random state; keyed by epoch, every epoch gets a new order and new masks, and a resumed run sees
+    exactly the batches and masks the uninterrupted run would have."""
     tf = import_tensorflow()
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     images, labels = tf.constant(x), tf.constant(y)
@@ -857,13 +864,13 @@ def epoch_streams(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, mode
     @tf.autograph.experimental.do_not_convert
     def batch(number: Any, idx: Any) -> tuple[Any, Any]:
         key = tf.random.experimental.stateless_fold_in(epoch_key(), number)
-        return (augment_batch(tf.gather(images, idx), key, shift, flip, erase),
+        return (augment_batch(tf.gather(images, idx), key, cfg.shift, cfg.flip, cfg.erase),
                 tf.one_hot(tf.gather(labels, idx), len(CLASS_NAMES)))
 
     batches = (tf.data.Dataset.range(1).map(epoch_order)
-               .flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate())
+               .flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(cfg.batch_size).enumerate())
                .map(batch, num_parallel_calls=tf.data.AUTOTUNE)
-               .apply(tf.data.experimental.assert_cardinality(math.ceil(len(y) / batch_size)))
+               .apply(tf.data.experimental.assert_cardinality(math.ceil(len(y) / cfg.batch_size)))
                .prefetch(tf.data.AUTOTUNE))
     generators = [layer.seed_generator for layer in model.layers if hasattr(layer, "seed_generator")]
     layer_seeds = [int(g.state.numpy()[0]) for g in generators]
@@ -924,49 +931,52 @@ def random_erasing(images: Any, key: Any, probability: float) -> Any:
     return tf.where(inside[..., None], tf.cast(noise, images.dtype), images)
 
 
-def run_callback(state: RunState, folder: Path, start_epoch: Callable[[int], None], stop: list[int],
-                 stops_stalled: bool) -> Any:
-    """The run's own Keras callback: keys each epoch's streams, stops on a signal (and, if stops_stalled, once the
-    run has stalled at chance level), and after every epoch keeps the best weights and saves the run's state
-    (EarlyStopping(restore_best_weights) forgets them on resume, and its patience counter too).
+class RunKeeper:
+    """The run's own Keras callback (on_keras makes it one). Before each epoch it keys the epoch's batches and
+    dropout masks; after each batch it stops the run if a signal came; after each epoch it records the figures,
+    keeps the weights validation measured (with --ema, the average: SwapEMAWeights swaps it in for validation) if
+    they are the best so far, and saves all that in folder for --resume (EarlyStopping(restore_best_weights)
+    forgets them on resume). In a study (stops_stalled) it ends a run stalled at chance level."""
 
-    The weights kept are those validation measured: with --ema, SwapEMAWeights (after this callback) has the
-    average in the model from on_test_begin to on_test_end.
-    """
-    keras = import_keras()
+    def __init__(self, state: RunState, folder: Path, stop: list[int], stops_stalled: bool) -> None:
+        super().__init__()
+        self.state, self.folder, self.stop, self.stops_stalled = state, folder, stop, stops_stalled
+        self.start_epoch: Callable[[int], None] = lambda epoch: None  # fit sets it to the epoch streams' own
 
-    class Run(keras.callbacks.Callback):
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            self.seconds_before, self.started = state.seconds, time.perf_counter()
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.seconds_before, self.started = self.state.seconds, time.perf_counter()
 
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            start_epoch(epoch)
-            # A kill between this callback's save and BackupAndRestore's makes Keras redo an epoch.
-            for values in state.history.values():
-                del values[epoch:]
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start_epoch(epoch)
+        for values in self.state.history.values():  # a kill between this save and BackupAndRestore's redoes an epoch
+            del values[epoch:]
 
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            if stop:
-                raise TrainingInterrupted(stop[0])
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.stop:
+            raise TrainingInterrupted(self.stop[0])
 
-        def on_test_end(self, logs: dict | None = None) -> None:
-            self.validated_weights = self.model.get_weights()
+    def on_test_end(self, logs: dict | None = None) -> None:
+        self.validated_weights = self.model.get_weights()
 
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs or {}
-            for key, value in logs.items():
-                state.history.setdefault(key, []).append(float(value))
-            value = logs.get(BEST_MONITOR)
-            healthy = all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "val_loss"))
-            if healthy and value is not None and (state.best_value is None or value > state.best_value):
-                state.best_epoch, state.best_value = epoch + 1, float(value)
-                state.best_weights = self.validated_weights
-            state.seconds = self.seconds_before + time.perf_counter() - self.started
-            state.save(folder)
-            if stops_stalled and stalled(state.history):
-                self.model.stop_training = True
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs, state = logs or {}, self.state
+        for key, value in logs.items():
+            state.history.setdefault(key, []).append(float(value))
+        value = logs.get(BEST_MONITOR)
+        healthy = all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "val_loss"))
+        if healthy and value is not None and (state.best_value is None or value > state.best_value):
+            state.best_epoch, state.best_value, state.best_weights = epoch + 1, float(value), self.validated_weights
+        state.seconds = self.seconds_before + time.perf_counter() - self.started
+        state.save(self.folder)
+        if self.stops_stalled and stalled(state.history):
+            self.model.stop_training = True
 
-    return Run()
+
+def on_keras(mixin: type, base: str) -> type:
+    """mixin joined to a Keras class such as "callbacks.Callback": this script imports Keras only when it trains
+    or predicts, so its Keras subclasses are written as mixins and joined to their base here. Made anew on each
+    call (not cached): Ray ships this script's functions to its workers by value, a cache wrapper by name."""
+    return type(mixin.__name__, (mixin, functools.reduce(getattr, base.split("."), import_keras())), {})
 
 
 # TensorBoard logs
@@ -990,41 +1000,30 @@ def with_tensorboard_group(cfg: Config) -> Config:
 
 def run_log_name(cfg: Config, lr: float, seed: int) -> str:
     """A run's TensorBoard folder, named by what tells it from the call's other runs: its rate, its seed, or both."""
-    parts = [f"lr={lr:g}"] if len(cfg.lrs) > 1 or len(cfg.seeds) == 1 else []
-    return ",".join([*parts, *([f"seed={seed}"] if len(cfg.seeds) > 1 else [])])
+    parts = [f"lr={lr:g}"] if cfg.is_study or not cfg.several_seeds else []
+    return ",".join([*parts, *([f"seed={seed}"] if cfg.several_seeds else [])])
 
 
-def tensorboard_log(folder: Path) -> Any:
-    """Keras's TensorBoard callback writing into folder, each epoch once (an epoch that a resumed run trains again
-    is not logged twice) and on disk when it ends (a killed run keeps its curves)."""
-    return tensorboard_callback_class()(folder)
+class EpochLog:
+    """Keras's TensorBoard callback (on_keras joins them) writing into folder, each epoch once (an epoch that a
+    resumed run trains again is not logged twice) and on disk when it ends (a killed run keeps its curves)."""
 
+    def __init__(self, folder: Path) -> None:
+        super().__init__(log_dir=str(folder), write_graph=False, profile_batch=0)
+        self.logged, self.epoch = logged_epochs(folder / "train"), 0
 
-def tensorboard_callback_class() -> type:
-    """keras.callbacks.TensorBoard, skipping the epochs that its folder's log already holds and flushing each.
-    Made anew on each call, like warmed_up_ema_adam: Ray ships this script's functions to its workers by value,
-    and a functools.cache wrapper only by name, which a worker's __main__ does not have."""
-    keras = import_keras()
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+        super().on_epoch_begin(epoch, logs)
 
-    class EpochLog(keras.callbacks.TensorBoard):
-        def __init__(self, folder: Path) -> None:
-            super().__init__(log_dir=str(folder), write_graph=False, profile_batch=0)
-            self.logged, self.epoch = logged_epochs(folder / "train"), 0
+    def on_test_end(self, logs: dict | None = None) -> None:
+        super().on_test_end({} if self.epoch in self.logged else logs)
 
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.epoch = epoch
-            super().on_epoch_begin(epoch, logs)
-
-        def on_test_end(self, logs: dict | None = None) -> None:
-            super().on_test_end({} if self.epoch in self.logged else logs)
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            if epoch not in self.logged:
-                super().on_epoch_end(epoch, logs)
-                for writer in self._writers.values():
-                    writer.flush()
-
-    return EpochLog
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch not in self.logged:
+            super().on_epoch_end(epoch, logs)
+            for writer in self._writers.values():
+                writer.flush()
 
 
 def logged_epochs(folder: Path) -> set[int]:
@@ -1041,6 +1040,46 @@ def logged_epochs(folder: Path) -> set[int]:
 # =============================================================================
 # Evaluation and outputs
 # =============================================================================
+
+def test_and_write(cfg: Config, split: Callable[[int], Dataset], runs: list[TrainResult], test: bool) -> None:
+    """Test the chosen rate's runs (every seed), print the results, and write the outputs of the seed with the best
+    validation accuracy. Without `test` (an interrupted run) only the best epoch so far is written."""
+    usable = [r for r in runs if r.model is not None and r.best_epoch is not None]
+    if not usable:
+        return
+    best = max(usable, key=lambda r: r.best_value)
+    data = split(best.seed)  # every seed's split shares the one test set
+    evals = {r.seed: evaluate(r.model, data, cfg) for r in usable} if test else {}
+    extra = {"validation_accuracy": best.best_value}
+    if test and (cfg.shift or cfg.flip):  # what --tta gives on the validation set, whether or not it is on
+        predicted = class_probabilities(best.model, data.x_val, test_time_augmentation(cfg, tta=True)).argmax(axis=1)
+        extra["validation_accuracy_with_tta"] = float(np.mean(predicted == data.y_val))
+        print(f"\nValidation accuracy of the kept epoch: {best.best_value:.2%}; "
+              f"with test-time augmentation (--tta): {extra['validation_accuracy_with_tta']:.2%}")
+    if len(runs) > 1:
+        extra |= report_seeds(runs, evals, best)
+    if best.seed in evals:
+        print_evaluation(evals[best.seed], test_time_augmentation(cfg))
+    write_run_outputs(cfg, data, best, evals.get(best.seed), extra)
+    print(f"Kept epoch {best.best_epoch} of {epochs_done(best.history)} (best {BEST_MONITOR}); model: "
+          f"{cfg.model_path}; plots and metrics: {cfg.plots_dir}/")
+
+
+def report_seeds(runs: list[TrainResult], evals: dict[int, Evaluation], best: TrainResult) -> dict[str, Any]:
+    """Print each seed's test results and their mean ± std; return them for metrics.json."""
+    rows = [seed_row(r, evals.get(r.seed)) for r in runs]
+    (acc_mean, acc_std), (loss_mean, loss_std) = (mean_std([getattr(ev, k) for ev in evals.values()])
+                                                  for k in ("accuracy", "loss"))
+    summary = {"seeds": rows, "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
+               "test_loss_mean": loss_mean, "test_loss_std": loss_std,
+               "std_is": "sample standard deviation (ddof=1) over seeds",
+               "saved_seed": best.seed, "saved_seed_selected_by": BEST_MONITOR}
+    spread = f" ± {summary['test_accuracy_std']:.2%} (mean ± sample std)" if len(evals) > 1 else ""
+    print(f"\nTest results of lr={best.lr:g} per seed:\n{format_seed_table(rows)}")
+    print(f"Test accuracy over {len(evals)} seed(s): {summary['test_accuracy_mean']:.2%}{spread}")
+    print(f"\nSeed {best.seed} has the best validation accuracy; its model and plots are saved. Its test results:")
+    return summary
+
 
 @dataclasses.dataclass
 class Evaluation:
@@ -1101,59 +1140,28 @@ def print_evaluation(ev: Evaluation, tta: dict[str, bool] | None) -> None:
         print(f"  {name:<12} {acc:7.2%}")
 
 
-def test_and_write(cfg: Config, arrays: Arrays, runs: list[TrainResult], test: bool) -> None:
-    """Test the chosen rate's runs (every seed), print the results, and write the outputs of the seed with the best
-    validation accuracy. Without `test` (an interrupted run) only the best epoch so far is written."""
-    usable = [r for r in runs if r.model is not None and r.best_epoch is not None]
-    if not usable:
-        return
-    keep = max(usable, key=lambda r: r.best_value)
-    data = split_data(arrays, cfg, keep.seed)  # every seed's split shares the one test set
-    evals = {r.seed: evaluate(r.model, data, cfg) for r in usable} if test else {}
-    extra = {"validation_accuracy": keep.best_value}
-    if test and (cfg.shift or cfg.flip):  # what --tta gives on the validation set, whether or not it is on
-        tta = class_probabilities(keep.model, data.x_val, test_time_augmentation(cfg, tta=True)).argmax(axis=1)
-        extra["validation_accuracy_with_tta"] = float(np.mean(tta == data.y_val))
-        print(f"\nValidation accuracy of the kept epoch: {keep.best_value:.2%}; "
-              f"with test-time augmentation (--tta): {extra['validation_accuracy_with_tta']:.2%}")
-    if len(runs) > 1:
-        rows = [seed_row(r, evals.get(r.seed)) for r in runs]
-        extra |= seed_summary(rows, [ev.accuracy for ev in evals.values()], [ev.loss for ev in evals.values()],
-                             saved_seed=keep.seed)
-        spread = f" ± {extra['test_accuracy_std']:.2%} (mean ± sample std)" if len(evals) > 1 else ""
-        print(f"\nTest results of lr={keep.lr:g} per seed:\n{format_seed_table(rows)}")
-        print(f"Test accuracy over {len(evals)} seed(s): {extra['test_accuracy_mean']:.2%}{spread}")
-        print(f"\nSeed {keep.seed} has the best validation accuracy; its model and plots are saved. Its test results:")
-    if keep.seed in evals:
-        print_evaluation(evals[keep.seed], test_time_augmentation(cfg))
-    write_run_outputs(cfg, data, keep, evals.get(keep.seed), extra)
-    done = len(keep.history.get("loss", []))
-    print(f"Kept epoch {keep.best_epoch} of {done} (best {BEST_MONITOR}); model: {cfg.model_path}; "
-          f"plots and metrics: {cfg.plots_dir}/")
-
-
 def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evaluation | None,
                       extra: dict[str, Any]) -> None:
     """Model, plots, history.csv and metrics.json of one run (extra: more fields for metrics.json)."""
-    d = cfg.plots_dir
+    plots = cfg.plots_dir
     save_model(cfg, result.model, cfg.model_path)
-    plot_curves(result.history, "accuracy", result.best_epoch, d / "accuracy.png")
-    plot_curves(result.history, "loss", result.best_epoch, d / "loss.png")
-    plot_architecture(result.model, d / "architecture.png")
-    write_history_csv(result.history, d / "history.csv")
+    plot_curves(result.history, "accuracy", result.best_epoch, plots / "accuracy.png")
+    plot_curves(result.history, "loss", result.best_epoch, plots / "loss.png")
+    plot_architecture(result.model, plots / "architecture.png")
+    write_history_csv(result.history, plots / "history.csv")
     if ev is not None:
-        plot_confusion(ev.confusion, d / "confusion_matrix.png")
-        plot_predictions(data, ev.predicted, d / "predictions.png")
-    write_json(d / "metrics.json", {
+        plot_confusion(ev.confusion, plots / "confusion_matrix.png")
+        plot_predictions(data, ev.predicted, plots / "predictions.png")
+    write_json(plots / "metrics.json", {
         "test_loss": ev.loss if ev else None,
         "test_accuracy": ev.accuracy if ev else None,
         "per_class_test_accuracy": ev.per_class_accuracy if ev else None,
         "learning_rate": result.lr,
         "best_epoch": result.best_epoch,
         "best_epoch_selected_by": BEST_MONITOR,
-        "epochs_completed": len(result.history.get("loss", [])),
-        "interrupted": result.interrupted_by is not None,
-        "diverged": result.diverged,
+        "epochs_completed": epochs_done(result.history),
+        "interrupted": result.ended == INTERRUPTED,
+        "diverged": result.ended == DIVERGED,
         "training_seconds": round(result.seconds, 2),
         "peak_memory_mb": peak_memory_mb(),
         "train_images": len(data.y_train),
@@ -1172,12 +1180,13 @@ def write_run_outputs(cfg: Config, data: Dataset, result: TrainResult, ev: Evalu
 
 def save_model(cfg: Config, model: Any, path: Path) -> None:
     """The model as a .keras archive that plain keras.models.load_model reads (compiled with Keras's own Adam,
-    not the training-only warmed_up_ema_adam), plus the notes --predict needs."""
+    not the training-only WarmedUpEMAAdam), plus the notes --predict needs."""
     keras = import_keras()
     trained_with = model.optimizer
     inner = getattr(trained_with, "inner_optimizer", trained_with)  # float16 wraps it in a LossScaleOptimizer
+    strategy = getattr(model, "distribute_strategy", None)  # tf.distribute's: JAX and PyTorch have none
     if type(inner) is not keras.optimizers.Adam:
-        with distribution_scope_of(model):
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
             adam = keras.optimizers.Adam.from_config({**inner.get_config(), "name": "adam"})
             adam.build(model.trainable_variables)  # else loading it warns that its variables are missing
             model.compile(optimizer=adam, loss=model.loss, metrics=["accuracy"])
@@ -1205,13 +1214,6 @@ def portable_config(data: bytes) -> bytes:
     if isinstance(optimizer, dict) and str(optimizer.get("module", "")).startswith("keras.src.backend."):
         optimizer.update(module="keras.optimizers", registered_name=None)
     return json.dumps(config).encode()
-
-
-def distribution_scope_of(model: Any) -> contextlib.AbstractContextManager:
-    """The tf.distribute strategy's scope the model's variables were made in (TensorFlow only; JAX and PyTorch
-    have no such thing)."""
-    strategy = getattr(model, "distribute_strategy", None)
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def pyplot() -> Any:
@@ -1341,14 +1343,11 @@ def peak_memory_mb() -> float | None:
 
 STUDY_FIELDS = ("best_val_loss", "best_val_loss_epoch", "best_val_accuracy", "final_val_loss", "final_val_accuracy")
 # With too high a rate the network can die at chance level (1/10) without its loss ever becoming NaN, so
-# "diverged" alone would not show it: a validation accuracy below this counts as chance level.
+# "diverged" alone would not show it. A study stops a run whose last STALL_EPOCHS epochs were all at chance level:
+# validation accuracy below STALLED_BELOW_ACCURACY, and validation loss not clearly below a uniform guess's, ln 10
+# (with or without label smoothing). Accuracy alone would stop a slow starter, whose loss falls below ln 10 while
+# its accuracy is still at chance; a dead network's does not. docs/RESULTS.md has the runs the rule was made from.
 STALLED_BELOW_ACCURACY = 1.5 / len(CLASS_NAMES)
-# A study stops a run whose last STALL_EPOCHS epochs were all at chance level: validation accuracy below that, and
-# validation loss not clearly below a uniform guess's, ln 10 (with or without label smoothing). A dead network
-# sits at or above it, while a slow starter's loss falls below it before its accuracy leaves chance. On the real
-# data lr 0.1 is dead from epoch 1 on (10.00%, val loss 2.3026-2.3028 in every epoch), and every rate that learns
-# is above 78% after one epoch (docs/RESULTS.md); on the tests' synthetic data lr 0.0001 keeps 9-12% accuracy
-# for five epochs while its loss falls from 2.29 to 2.27, and lr 3 is dead. Two such epochs are enough.
 STALL_EPOCHS = 2
 CHANCE_LOSS = math.log(len(CLASS_NAMES)) - 0.01
 STALLED = "stalled at chance level"
@@ -1361,30 +1360,27 @@ def stalled(history: dict[str, list[float]]) -> bool:
                                                for acc, loss in recent)
 
 
-def went_non_finite(history: dict[str, list[float]]) -> bool:
-    """Whether the run's loss or validation loss became NaN or infinite: it diverged."""
-    return any(not math.isfinite(v) for key in ("loss", "val_loss") for v in history.get(key, []))
+def how_it_ended(history: dict[str, list[float]], epochs: int) -> str:
+    """How a run that was not interrupted ended: DIVERGED, STALLED (stopped early at chance level) or COMPLETED."""
+    if any(not math.isfinite(v) for key in ("loss", "val_loss") for v in history.get(key, [])):
+        return DIVERGED
+    return STALLED if epochs_done(history) < epochs and stalled(history) else COMPLETED
 
 
-def stop_reason(history: dict[str, list[float]], epochs: int) -> str | None:
-    """Why a finished run ended before its last epoch ("diverged" or STALLED), or None if it did not."""
-    done = len(history.get("loss", []))
-    if went_non_finite(history):
-        return "diverged"
-    return STALLED if done < epochs and stalled(history) else None
+def epochs_done(history: dict[str, list[float]]) -> int:
+    """How many epochs a run's history holds."""
+    return len(history.get("loss", []))
 
 
 def choose_rate(cfg: Config, runs: list[TrainResult]) -> list[TrainResult] | None:
-    """The runs of the rate to test: the only one, or (a study) the one with the lowest best validation loss,
-    after printing the study's table and writing lr_study.png and .json. None if every rate diverged or failed."""
-    if len(cfg.lrs) == 1:
-        return runs
+    """The runs of the study's rate to test, the one with the lowest best validation loss, after printing the
+    study's table and writing lr_study.png and .json; None if every rate diverged or failed."""
     by_rate = {lr: [r for r in runs if r.lr == lr] for lr in cfg.lrs}
     rows = [rate_row(lr, results) for lr, results in by_rate.items()]
     chosen = recommend(rows)
     print("\n" + format_study_table(rows, chosen))
-    plot_study(by_rate, cfg.plots_dir / "lr_study.png")
-    mean = "mean " if len(cfg.seeds) > 1 else ""
+    plot_study(by_rate, rows, cfg.plots_dir / "lr_study.png")
+    mean = "mean " if cfg.several_seeds else ""
     write_json(cfg.plots_dir / "lr_study.json", {
         "rates": rows, "recommended_lr": chosen["lr"] if chosen else None,
         "selected_by": f"lowest {mean}best validation loss", "seeds": list(cfg.seeds), "config": config_dict(cfg)})
@@ -1397,39 +1393,39 @@ def choose_rate(cfg: Config, runs: list[TrainResult]) -> list[TrainResult] | Non
 
 def study_row(result: TrainResult) -> dict[str, Any]:
     """One run's summary: best and final validation figures, timing, divergence."""
-    h = result.history
-    val_loss = [v if math.isfinite(v) else math.inf for v in h.get("val_loss", [])]
+    history = result.history
+    val_loss = [v if math.isfinite(v) else math.inf for v in history.get("val_loss", [])]
     best = int(np.argmin(val_loss)) if val_loss and math.isfinite(min(val_loss)) else None
     return {
         "seed": result.seed,
         "best_val_loss": val_loss[best] if best is not None else None,
         "best_val_loss_epoch": best + 1 if best is not None else None,
-        "best_val_accuracy": max(h["val_accuracy"]) if h.get("val_accuracy") else None,
-        "final_val_loss": h["val_loss"][-1] if h.get("val_loss") else None,
-        "final_val_accuracy": h["val_accuracy"][-1] if h.get("val_accuracy") else None,
-        "epochs_completed": len(h.get("loss", [])),
-        "stopped_after_epoch": len(h.get("loss", [])) if result.stopped_because else None,
-        "stopped_because": result.stopped_because,
+        "best_val_accuracy": max(history["val_accuracy"]) if history.get("val_accuracy") else None,
+        "final_val_loss": history["val_loss"][-1] if history.get("val_loss") else None,
+        "final_val_accuracy": history["val_accuracy"][-1] if history.get("val_accuracy") else None,
+        "epochs_completed": epochs_done(history),
+        "stopped_after_epoch": epochs_done(history) if result.ended in (DIVERGED, STALLED) else None,
+        "stopped_because": result.ended if result.ended in (DIVERGED, STALLED) else None,
         "training_seconds": round(result.seconds, 2),
-        "diverged": result.diverged,
-        "failed": result.failed,
-        "history": h,
+        "diverged": result.ended == DIVERGED,
+        "failed": result.failure,
+        "history": history,
     }
 
 
 def rate_row(lr: float, results: list[TrainResult]) -> dict[str, Any]:
     """One rate's summary over its seeds: the mean (and sample std) of each validation figure."""
     runs = [study_row(r) for r in results]
-    ok = [r for r in runs if r["failed"] is None]
+    ran = [r for r in runs if r["failed"] is None]
     row: dict[str, Any] = {"lr": lr, "seeds": [r["seed"] for r in runs]}
     for key in STUDY_FIELDS:
-        row[key], row[f"{key}_std"] = mean_std([r[key] for r in ok if r[key] is not None])
-    row["epochs_completed"] = max((r["epochs_completed"] for r in ok), default=0)
-    row["training_seconds"] = round(sum(r["training_seconds"] for r in ok), 2)
-    row["diverged"] = any(r["diverged"] for r in ok)
-    row["stalled_at_chance"] = not row["diverged"] and bool(ok) and all(stalled(r["history"]) for r in ok)
-    row["stopped"] = stop_note([r for r in ok if r["stopped_because"]], len(ok))
-    row["failed_runs"] = len(runs) - len(ok)
+        row[key], row[f"{key}_std"] = mean_std([r[key] for r in ran if r[key] is not None])
+    row["epochs_completed"] = max((r["epochs_completed"] for r in ran), default=0)
+    row["training_seconds"] = round(sum(r["training_seconds"] for r in ran), 2)
+    row["diverged"] = any(r["diverged"] for r in ran)
+    row["stalled_at_chance"] = not row["diverged"] and bool(ran) and all(stalled(r["history"]) for r in ran)
+    row["stopped"] = stop_note([r for r in ran if r["stopped_because"]], len(ran))
+    row["failed_runs"] = len(runs) - len(ran)
     row["runs"] = runs
     return row
 
@@ -1455,16 +1451,12 @@ def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None
     """The study's table as printed at the end; with several seeds, cells are mean ± std."""
     def cell(r: dict[str, Any], key: str, spec: str) -> str:
         std = r.get(f"{key}_std")
-        return fmt(r[key], spec) + ("" if std is None else f" ± {std:{spec}}")
+        return or_dash(r[key], spec) + ("" if std is None else f" ± {std:{spec}}")
 
     lines = [(f"{'lr':>10} {'best val loss':>17} {'at epoch':>10} {'best val acc':>17} "
               f"{'final val loss':>17} {'final val acc':>17} {'seconds':>8}  status")]
     for r in rows:
-        status = "diverged" if r["diverged"] else ("recommended" if r is chosen else "")
-        if r["stopped"]:
-            status = r["stopped"] if r["diverged"] else f"{status} {r['stopped']}"
-        elif r["stalled_at_chance"]:
-            status = f"{status} {STALLED}"
+        status = f"{'recommended' if r is chosen else ''} {rate_note(r)}"
         if r["failed_runs"]:
             status += f" ({r['failed_runs']} run(s) failed)"
         lines.append(f"{r['lr']:>10g} {cell(r, 'best_val_loss', '.4f'):>17} {cell(r, 'best_val_loss_epoch', 'g'):>10} "
@@ -1473,7 +1465,12 @@ def format_study_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None
     return "\n".join(lines)
 
 
-def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
+def rate_note(row: dict[str, Any]) -> str:
+    """What the study says of a rate that did not simply learn: stopped (when, why), diverged, stalled; or ''."""
+    return row["stopped"] or ("diverged" if row["diverged"] else STALLED if row["stalled_at_chance"] else "")
+
+
+def plot_study(by_rate: dict[float, list[TrainResult]], rows: list[dict[str, Any]], path: Path) -> None:
     """Validation loss (left, training loss dashed) and validation accuracy (right) per epoch for every rate, with
     the std over seeds as error bars.
 
@@ -1485,18 +1482,17 @@ def plot_study(by_rate: dict[float, list[TrainResult]], path: Path) -> None:
 
     plt = pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 5))
-    rates = [(ok, rate_row(lr, ok)) for lr, results in by_rate.items()
-             if (ok := [r for r in results if r.failed is None])]
+    rates = [(ran, row) for row in rows if (ran := [r for r in by_rate[row["lr"]] if r.ended != FAILED])]
     for ax, keys in ((loss_ax, ("val_loss", "loss")), (acc_ax, ("val_accuracy",))):
-        learning = [mean_curve(ok, key)[0] for ok, row in rates if not did_not_learn(row) for key in keys]
-        limits = axis_limits(learning or [mean_curve(ok, keys[0])[0] for ok, _ in rates])
-        for i, (ok, row) in enumerate(rates):
-            draw_rate(ax, ok, row, keys, f"C{i}", limits)
+        learning = [mean_curve(ran, key)[0] for ran, row in rates if not did_not_learn(row) for key in keys]
+        limits = axis_limits(learning or [mean_curve(ran, keys[0])[0] for ran, _ in rates])
+        for i, (ran, row) in enumerate(rates):
+            draw_rate(ax, ran, row, keys, f"C{i}", limits)
         ax.set_ylim(*limits)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    seeds = max((len(ok) for ok, _ in rates), default=1)
+    seeds = max((len(ran) for ran, _ in rates), default=1)
     spread = f"; mean ± std over {seeds} seeds" if seeds > 1 else ""
     loss_ax.set(ylabel="loss (cross-entropy)", title=f"Loss (solid: validation, dashed: training{spread})")
     acc_ax.set(ylabel="validation accuracy", title="Validation accuracy (x: the study stopped the run there)")
@@ -1516,8 +1512,7 @@ def draw_rate(ax: Any, runs: list[TrainResult], row: dict[str, Any], keys: tuple
               limits: tuple[float, float]) -> None:
     """One rate's mean curve of keys[0] (and, dashed, of keys[1:]) on ax; a rate that did not learn dotted and
     clipped to limits, with an x at the epoch where it was stopped."""
-    dead = did_not_learn(row)
-    note = row["stopped"] or ("diverged" if row["diverged"] else STALLED if row["stalled_at_chance"] else "")
+    dead, note = did_not_learn(row), rate_note(row)
     mean, std = mean_curve(runs, keys[0])
     shown = np.clip(mean, *limits) if dead else mean
     epochs = np.arange(1, len(mean) + 1)
@@ -1566,18 +1561,8 @@ def seed_row(result: TrainResult, ev: Evaluation | None) -> dict[str, Any]:
     """One seed's figures: the kept epoch, its validation accuracy and its test results."""
     return {"seed": result.seed, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_value,
             "test_loss": ev.loss if ev else None, "test_accuracy": ev.accuracy if ev else None,
-            "training_seconds": round(result.seconds, 2), "diverged": result.diverged, "failed": result.failed}
-
-
-def seed_summary(rows: list[dict[str, Any]], accuracies: list[float], losses: list[float],
-                 saved_seed: int) -> dict[str, Any]:
-    """metrics.json's fields for several seeds: each seed's row and the mean ± std of its test figures."""
-    acc_mean, acc_std = mean_std(accuracies)
-    loss_mean, loss_std = mean_std(losses)
-    return {"seeds": rows, "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
-            "test_loss_mean": loss_mean, "test_loss_std": loss_std,
-            "std_is": "sample standard deviation (ddof=1) over seeds",
-            "saved_seed": saved_seed, "saved_seed_selected_by": BEST_MONITOR}
+            "training_seconds": round(result.seconds, 2), "diverged": result.ended == DIVERGED,
+            "failed": result.failure}
 
 
 def format_seed_table(rows: list[dict[str, Any]]) -> str:
@@ -1585,13 +1570,13 @@ def format_seed_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'seed':>10} {'kept epoch':>10} {'val acc':>8} {'test loss':>9} {'test acc':>8} {'seconds':>8}  status"]
     for r in rows:
         status = "failed: " + r["failed"] if r["failed"] else ("diverged" if r["diverged"] else "")
-        lines.append(f"{r['seed']:>10} {fmt(r['best_epoch'], 'd'):>10} {fmt(r['best_val_accuracy'], '.2%'):>8} "
-                     f"{fmt(r['test_loss'], '.4f'):>9} {fmt(r['test_accuracy'], '.2%'):>8} "
+        lines.append(f"{r['seed']:>10} {or_dash(r['best_epoch'], 'd'):>10} {or_dash(r['best_val_accuracy'], '.2%'):>8} "
+                     f"{or_dash(r['test_loss'], '.4f'):>9} {or_dash(r['test_accuracy'], '.2%'):>8} "
                      f"{r['training_seconds']:>8.1f}  {status}")
     return "\n".join(lines)
 
 
-def fmt(value: Any, spec: str) -> str:
+def or_dash(value: Any, spec: str) -> str:
     """A table cell: the value formatted, or '-' when there is none."""
     return "-" if value is None else format(value, spec)
 
@@ -1622,25 +1607,15 @@ def predict(cfg: Config) -> int:
             failed += 1
     results = []
     if decoded:
-        probabilities = read_both_ways(model, [seen for _, seen in decoded], tta)
+        probabilities, read = read_both_ways(model, [seen for _, seen in decoded], tta)
         pictures = picture_paths([path for path, _ in decoded], cfg.plots_dir / "predict")
-        for (path, seen), probs, picture in zip(decoded, probabilities, pictures, strict=True):
-            results.append(prediction(path, probs, seen) | {"seen": str(picture)})
+        for (path, _), seen, probs, picture in zip(decoded, read, probabilities, pictures, strict=True):
+            results.append(classification(path, probs, seen) | {"seen": str(picture)})
             draw_what_the_network_saw(seen, results[-1], picture)
     if cfg.json_output:
         print(json.dumps(results, indent=2))
     else:
-        for r in results:
-            note = " (inverted: light background)" if r["inverted"] else ""
-            if r["mirrored"]:
-                note += " (read mirrored: a shoe pointing the other way)"
-            if not r["item_found"]:
-                note += " (no item stood out from the background: the whole picture was used)"
-            others = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top3"][1:])
-            unsure = f" ({UNSURE_NOTE})" if r["unsure"] else ""
-            print(f"{r['file']}: {r['class']} {r['probability']:.1%}{unsure}{note}  [next: {others}]")
-        if results:
-            print(f"What the network saw: {cfg.plots_dir / 'predict'}/")
+        print_classifications(results, cfg.plots_dir / "predict")
     if failed:
         print(f"{failed} of {failed + len(results)} files could not be classified.", file=sys.stderr)
         return EXIT_FAILURE
@@ -1650,14 +1625,30 @@ def predict(cfg: Config) -> int:
     return 0
 
 
+def print_classifications(results: list[dict[str, Any]], pictures: Path) -> None:
+    """One line per image: its class and probability, what was done to read it, and the next two classes."""
+    for r in results:
+        note = " (inverted: light background)" if r["inverted"] else ""
+        if r["mirrored"]:
+            note += " (read mirrored: a shoe pointing the other way)"
+        if not r["item_found"]:
+            note += " (no item stood out from the background: the whole picture was used)"
+        others = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top3"][1:])
+        unsure = f" ({UNSURE_NOTE})" if r["unsure"] else ""
+        print(f"{r['file']}: {r['class']} {r['probability']:.1%}{unsure}{note}  [next: {others}]")
+    if results:
+        print(f"What the network saw: {pictures}/")
+
+
 # Fashion-MNIST's shoes all point left, while its other classes look much the same mirrored.
 FOOTWEAR = tuple(CLASS_NAMES.index(name) for name in ("Sandal", "Sneaker", "Ankle boot"))
 
 
-def read_both_ways(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | None) -> np.ndarray:
-    """The class probabilities of each input; a photo is read mirrored too, and the mirrored reading is kept
-    (and the input mirrored) when it is a shoe and more confident, as for a shoe pointing right. A 28x28 image
-    is read as it is, exactly as the test evaluation reads it.
+def read_both_ways(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | None
+                   ) -> tuple[np.ndarray, list[NetworkInput]]:
+    """The class probabilities of each input, and the inputs as read: a photo is read mirrored too, and the
+    mirrored reading (and a mirrored copy of the input) is kept when it is a shoe and more confident, as for a shoe
+    pointing right. A 28x28 image is read as it is, exactly as the test evaluation reads it.
 
     On photos made from validation images this lifts mirrored shoes and the rest alike (docs/RESULTS.md);
     averaging both readings, or keeping the more confident of any class, loses 1-2 points on the others.
@@ -1665,16 +1656,17 @@ def read_both_ways(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] 
     batch = np.stack([seen.pixels for seen in inputs])[..., np.newaxis]
     probabilities = class_probabilities(model, batch, tta)
     photos = [i for i, seen in enumerate(inputs) if seen.photo]
+    read = list(inputs)
     if photos:
         mirrored = class_probabilities(model, batch[photos, :, ::-1], tta)
         for i, flipped in zip(photos, mirrored, strict=True):
             if flipped.argmax() in FOOTWEAR and flipped.max() > probabilities[i].max():
-                probabilities[i], inputs[i].mirrored = flipped, True
-                inputs[i].pixels = inputs[i].pixels[:, ::-1]
-    return probabilities
+                probabilities[i] = flipped
+                read[i] = dataclasses.replace(inputs[i], pixels=inputs[i].pixels[:, ::-1], mirrored=True)
+    return probabilities, read
 
 
-def prediction(path: Path, probs: np.ndarray, seen: NetworkInput) -> dict[str, Any]:
+def classification(path: Path, probs: np.ndarray, seen: NetworkInput) -> dict[str, Any]:
     """One image's result: the top class, its probability, the top 3, whether the network is unsure (and the
     score that says so), whether the image was inverted, and where the item was found."""
     top = np.argsort(probs)[::-1][:3]
@@ -1702,11 +1694,11 @@ def unsure_score(probs: np.ndarray) -> float:
 
 def picture_paths(files: list[Path], folder: Path) -> list[Path]:
     """Where each file's picture of what the network saw goes: folder/STEM.png, numbered where stems repeat."""
-    seen: dict[str, int] = {}
+    uses: dict[str, int] = {}
     paths = []
     for f in files:
-        seen[f.stem] = seen.get(f.stem, 0) + 1
-        paths.append(folder / (f"{f.stem}.png" if seen[f.stem] == 1 else f"{f.stem}-{seen[f.stem]}.png"))
+        uses[f.stem] = uses.get(f.stem, 0) + 1
+        paths.append(folder / (f"{f.stem}.png" if uses[f.stem] == 1 else f"{f.stem}-{uses[f.stem]}.png"))
     return paths
 
 
@@ -1803,7 +1795,7 @@ def to_network_input(path: Path) -> NetworkInput:
     inverted = bool(border.mean() > 127)  # a light background: a photo, not Fashion-MNIST's dark one
     if inverted:
         pixels = np.asarray(ImageOps.invert(gray), dtype=np.uint8)
-    return NetworkInput(pixels, inverted, None, True, photo=False, preview=img)
+    return NetworkInput(pixels, inverted=inverted, box=None, item_found=True, photo=False, preview=img)
 
 
 # Photos to Fashion-MNIST. Zalando made each image of the data set from a product photo on a plain background:
@@ -1849,8 +1841,8 @@ def photo_to_fashion_mnist(img: Any) -> NetworkInput:
     item_mask_crop = mask[top:bottom, left:right]
     frame = fit_to_frame(stretch_contrast(item, item_mask_crop), item_mask_crop)
     pixels = np.rint(stretch_contrast(frame.astype(np.float32), frame > 0)).astype(np.uint8)  # resampling dims it
-    return NetworkInput(pixels, lighter_background, box, bool(found), photo=True, preview=preview,
-                        preview_scale=1 / scale)
+    return NetworkInput(pixels, inverted=lighter_background, box=box, item_found=bool(found), photo=True,
+                        preview=preview, preview_scale=1 / scale)
 
 
 def working_copy(img: Any) -> tuple[np.ndarray, float]:
@@ -1884,11 +1876,11 @@ def estimate_background(work: np.ndarray) -> np.ndarray:
     terms = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
     band = border_band(work.shape)
     A, values = terms[band], work[band]
-    keep = np.abs(values - np.median(values, axis=0)).max(axis=1) <= 3 * TRIM_LEVEL  # first guess: one colour
+    inliers = np.abs(values - np.median(values, axis=0)).max(axis=1) <= 3 * TRIM_LEVEL  # first guess: one colour
     for _ in range(3):
-        coef, *_ = np.linalg.lstsq(A[keep], values[keep], rcond=None)
+        coef, *_ = np.linalg.lstsq(A[inliers], values[inliers], rcond=None)
         residual = np.abs(values - A @ coef).max(axis=1)
-        keep = residual <= max(3 * 1.4826 * float(np.median(residual[keep])), 2.0)
+        inliers = residual <= max(3 * 1.4826 * float(np.median(residual[inliers])), 2.0)
     return terms @ coef
 
 
@@ -1913,9 +1905,9 @@ def item_mask(contrast: np.ndarray) -> np.ndarray:
     if not candidates:
         return np.zeros_like(standing_out)
     main = max(candidates, key=lambda k: sizes[k] * centrality(parts[k], contrast.shape))
-    keep = [k + 1 for k in candidates if k == main
+    kept_labels = [k + 1 for k in candidates if k == main
             or (sizes[k] >= 0.25 * sizes[main] and overlaps(parts[k], parts[main]))]
-    item = np.isin(labels, keep)
+    item = np.isin(labels, kept_labels)
     item &= contrast > ITEM_LEVEL * float(np.percentile(contrast[item], 99))  # a shadow is fainter than the item
     return item
 
@@ -2224,7 +2216,7 @@ def resume_root(cfg: Config) -> Path:
 def run_folder(cfg: Config, lr: float, seed: int) -> Path:
     """One run's resume folder: the root itself for a single run, a subfolder per run otherwise."""
     root = resume_root(cfg)
-    return root if len(cfg.runs) == 1 else root / f"lr{lr:g}-seed{seed}"
+    return root if cfg.single_run else root / f"lr{lr:g}-seed{seed}"
 
 
 def prepare_resume_root(cfg: Config) -> None:
@@ -2284,7 +2276,7 @@ def resume_state(cfg: Config, identity: dict[str, Any], folder: Path) -> RunStat
 
     In a study resumed with --resume, a run that had not started yet starts afresh.
     """
-    if not cfg.resume or (len(cfg.runs) > 1 and not (folder / "state.json").exists()):
+    if not cfg.resume or (not cfg.single_run and not (folder / "state.json").exists()):
         return RunState(identity)
     state = RunState.load(folder)
     changed = [f"{k} was {state.identity.get(k)!r}, now {v!r}" for k, v in identity.items()
@@ -2292,15 +2284,17 @@ def resume_state(cfg: Config, identity: dict[str, Any], folder: Path) -> RunStat
     if changed:
         raise UserError(f"cannot resume with different settings ({'; '.join(changed)}); "
                         "use the original flags, or run without --resume to start afresh")
-    done = len(state.history.get("loss", []))
     print("Already finished; using the saved result" if state.finished
-          else f"Resuming after epoch {done} of {cfg.epochs} from {folder}")
+          else f"Resuming after epoch {epochs_done(state.history)} of {cfg.epochs} from {folder}")
     return state
 
 
 # Atomic outputs
 
-_staged: list[tuple[Path, Path]] | None = None  # (temporary, final) files while an output_set() is open
+# The one piece of state the writers share: the (temporary, final) files of the output_set() that is open, if one
+# is, so that every writer need not pass the set along. A plain list, not a ContextVar: Ray ships this script's
+# functions by value, with the globals they use, and a ContextVar cannot be pickled.
+OPEN_OUTPUT_SET: list[list[tuple[Path, Path]]] = []  # at most one open set
 
 
 @contextlib.contextmanager
@@ -2325,10 +2319,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if _staged is None:
+        if not OPEN_OUTPUT_SET:
             os.replace(tmp, path)
         else:
-            _staged.append((tmp, path))
+            OPEN_OUTPUT_SET[-1].append((tmp, path))
             kept = True
     except OSError as e:
         raise cannot_write(e) from None
@@ -2344,8 +2338,8 @@ def output_set(retry_hint: str = "") -> Iterator[None]:
     So a run that fails part-way through writing (a full disk, say) leaves the earlier run's set as it was,
     instead of new plots beside an old metrics.json. retry_hint ends the error message.
     """
-    global _staged
-    _staged = staged = []
+    staged: list[tuple[Path, Path]] = []
+    OPEN_OUTPUT_SET.append(staged)
     try:
         yield
     except BaseException as e:
@@ -2359,7 +2353,7 @@ def output_set(retry_hint: str = "") -> Iterator[None]:
         for tmp, final in staged:
             os.replace(tmp, final)
     finally:
-        _staged = None
+        OPEN_OUTPUT_SET.pop()
 
 
 def current_umask() -> int:
@@ -2599,7 +2593,7 @@ def ray_task(cfg: Config, lr: float, seed: int) -> dict[str, Any]:
         r = train(dataclasses.replace(cfg, resume=False), data, lr, seed, Path(folder),
                   handle_signals=False)
     return {"history": r.history, "best_epoch": r.best_epoch, "best_value": r.best_value, "seconds": r.seconds,
-            "diverged": r.diverged, "precision": r.precision, "node": platform.node(),
+            "precision": r.precision, "node": platform.node(),
             "steps_per_epoch": math.ceil(len(data.y_train) / cfg.batch_size),
             "weights": r.model.get_weights() if r.best_epoch is not None else None}
 
@@ -2610,9 +2604,9 @@ def result_from_task(cfg: Config, lr: float, seed: int, out: dict[str, Any]) -> 
     if out["weights"] is not None:
         model = build_model(cfg, lr, out["steps_per_epoch"])
         model.set_weights(out["weights"])
-    return TrainResult(model, lr, out["history"], out["best_epoch"], out["seconds"], out["diverged"],
-                       seed=seed, precision=out["precision"], best_value=out["best_value"],
-                       stopped_because=stop_reason(out["history"], cfg.epochs))
+    return TrainResult(model, lr, seed, out["history"], best_epoch=out["best_epoch"], best_value=out["best_value"],
+                       seconds=out["seconds"], precision=out["precision"],
+                       ended=how_it_ended(out["history"], cfg.epochs))
 
 
 def train_on_ray(cfg: Config, task: Any = ray_task) -> list[TrainResult]:
@@ -2633,10 +2627,12 @@ def train_on_ray(cfg: Config, task: Any = ray_task) -> list[TrainResult]:
             lr, seed = pending.pop(ref)
             try:
                 done[lr, seed] = result_from_task(cfg, lr, seed, ray.get(ref))
-                status = "diverged" if done[lr, seed].diverged else f"best {BEST_MONITOR} {done[lr, seed].best_value}"
+                status = DIVERGED if done[lr, seed].ended == DIVERGED else \
+                    f"best {BEST_MONITOR} {done[lr, seed].best_value}"
             except ray.exceptions.RayError as e:
                 reason = first_line(getattr(e, "cause", None) or e)
-                done[lr, seed] = TrainResult(None, lr, {}, None, 0.0, seed=seed, failed=reason)
+                done[lr, seed] = TrainResult(None, lr, seed, {}, best_epoch=None, best_value=None, seconds=0.0,
+                                             ended=FAILED, failure=reason)
                 status = f"FAILED after {RAY_RETRIES} retries: {reason}"
             print(f"Ray: run lr={lr:g}, seed {seed} finished ({len(done)} of {len(cfg.runs)}): {status}", flush=True)
     finally:

@@ -162,8 +162,7 @@ def worker(variant: str, data_dir: Path, limit: int | None) -> int:
                       steps_per_execution=STEPS_PER_EXECUTION[variant])
     y_val = keras.utils.to_categorical(data.y_val, len(cnn.CLASS_NAMES))
     if program:
-        batches, start_epoch = cnn.epoch_streams(data.x_train, data.y_train, cfg.batch_size, 0, model,
-                                                 shift=cfg.shift, flip=cfg.flip, erase=cfg.erase)
+        batches, start_epoch = cnn.epoch_streams(cfg, data.x_train, data.y_train, 0, model)
         x_val, extra = data.x_val, [keras.callbacks.SwapEMAWeights()] if cfg.ema else []
     else:
         model = textbook_model(keras, model)

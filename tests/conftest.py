@@ -6,8 +6,8 @@ background, so a tiny network learns it in an epoch or two. Like a Fashion-MNIST
 item, each shape's longest side spans the frame and it is centred, so the class
 survives what --predict does to a photo: crop to the item, fit it to 28 pixels. Full-size files keep the program's shape
 checks honest (writing them takes about a second); a tiny network (--filters 4) and
---limit keep the runs fast. Tests that train are marked slow; `-m "not slow"` runs
-the rest in well under a minute.
+--limit keep the runs fast. Tests that train or import TensorFlow are marked slow;
+`-m "not slow"` runs the rest in under 20 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import gzip
 import io
+import json
 import os
 import subprocess
 import sys
@@ -24,20 +25,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ConvolutionalNN as cnn
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "ConvolutionalNN.py"
 REAL_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
-FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
+FILES = cnn.IDX_FILES  # the four files, by what they hold
 # A small, fast network and run for CLI tests.
 TINY = ["--filters", "4", "--dense-units", "16", "--limit", "640", "--batch-size", "32", "--epochs", "1",
         "--lr", "0.01"]
 # The shared trained model: enough images that it learns the synthetic classes (validation accuracy 1.0).
 TRAINED = [*TINY, "--limit", "3200", "--epochs", "2"]
+# On the synthetic data, lr 3 is dead from the first epoch (9-12% validation accuracy, loss 2.47, 2.34, 2.35), and
+# lr 0.0001 is a slow starter: 9-12% accuracy for five epochs, but its loss falls (2.292, 2.283, 2.277...).
+DEAD_AND_SLOW = [*TINY, "--epochs", "4", "--schedule", "constant", "--lr", "3", "0.0001"]
+STUDY = [*TINY, "--epochs", "3", "--lr", "3", "0.01", "0.003", "--seeds", "0", "1"]  # lr 3 stalls at chance
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -142,6 +144,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[st
     return {"dir": out, "plots": out / "plots", "model": out / "model.keras", "proc": proc}
 
 
+@pytest.fixture(scope="session")
+def sequential_study(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
+    """A 3 rates x 2 seeds study trained here, one run after another."""
+    plots = tmp_path_factory.mktemp("seq") / "plots"
+    ran = call_main("--data-dir", data_dir, "--plots-dir", plots, "--model-path", plots.parent / "m.keras", *STUDY)
+    assert ran.returncode == 0, ran.stderr
+    read = (lambda name: json.loads((plots / name).read_text()))
+    return {"stdout": ran.stdout, "study": read("lr_study.json"), "metrics": read("metrics.json")}
+
+
 @dataclasses.dataclass
 class Ran:
     """What an in-process call of main() returned and printed."""
@@ -171,13 +183,13 @@ def class_image(label: int, seed: int = 0) -> np.ndarray:
     return np.where(SHAPES[label], 220, image).astype(np.uint8)
 
 
-# Tests that share an expensive module or session fixture run on one worker, so that it is made once; so do the
-# quick tests that import Keras into the test process (marked keras), so that one worker pays TensorFlow's import
-# (about 10 s). The others are spread over the workers one by one. The signals and cluster modules are about half
-# the full suite's time on 2 cores.
-SIGNALS_AND_CLUSTER = "signals, Ray cluster, Keras in the test process"
-XDIST_GROUPS = {"test_interrupt": SIGNALS_AND_CLUSTER, "test_ray_cluster": SIGNALS_AND_CLUSTER}
-SHARED_FIXTURES = {"trained": "the trained model", "sequential_study": "the scaling study", "local_ray": "the scaling study"}
+# Tests that share an expensive module or session fixture run on one worker, so that it is made once; the others
+# are spread over the workers one by one. The signals and cluster modules are about half the full suite's time on
+# 2 cores.
+SIGNALS_AND_CLUSTER = "signals and Ray cluster"
+XDIST_GROUPS = {"test_resume": SIGNALS_AND_CLUSTER, "test_ray_cluster": SIGNALS_AND_CLUSTER}
+SHARED_FIXTURES = {"trained": "the trained model", "sequential_study": "the study of 3 rates x 2 seeds",
+                   "local_ray": "the study of 3 rates x 2 seeds"}
 
 
 def xdist_group_of(item: pytest.Item) -> str | None:
@@ -185,8 +197,6 @@ def xdist_group_of(item: pytest.Item) -> str | None:
     module = item.module.__name__ if item.module else ""
     if module in XDIST_GROUPS:
         return XDIST_GROUPS[module]
-    if item.get_closest_marker("keras") and not item.get_closest_marker("slow"):
-        return SIGNALS_AND_CLUSTER
     return next((group for name, group in SHARED_FIXTURES.items() if name in item.fixturenames), None)
 
 

@@ -12,6 +12,8 @@ import ConvolutionalNN as cnn
 from conftest import TINY, call_main, class_image, run_cli
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
+
+
 # PyTorch is not in requirements-dev.txt (its wheel here is the CUDA build, 5 GB installed): its tests run by hand
 # in an environment that has it (docs/RESULTS.md).
 OTHER_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(importlib.util.find_spec(b) is None,
@@ -104,28 +106,3 @@ def test_mirrored_on_jax_is_data_parallel_over_two_cpu_devices_and_matches_one_d
     # One global random state draws the same dropout masks for both replicas' halves: the same run, to rounding.
     assert runs["two"]["history"]["val_loss"] == pytest.approx(runs["one"]["history"]["val_loss"], rel=1e-5)
     assert runs["two"]["test_accuracy"] == pytest.approx(runs["one"]["test_accuracy"], abs=0.005)
-
-
-@pytest.mark.keras
-def test_dropout_seeds_are_drawn_as_keras_draws_them_so_tensorflow_keeps_its_masks() -> None:
-    keras = cnn.import_keras()
-    cnn.random.seed(11)
-    unseeded = [keras.layers.Dropout(0.3), keras.layers.Dropout(0.0), keras.layers.Dropout(0.2)]
-    cnn.random.seed(11)
-    seeded = [cnn.seeded_dropout(0.3, "a"), cnn.seeded_dropout(0.0, "b"), cnn.seeded_dropout(0.2, "c")]
-    for plain, ours in ((unseeded[0], seeded[0]), (unseeded[2], seeded[2])):
-        assert ours.seed is not None  # PyTorch then follows the layer's seed state, not torch's global one
-        assert list(keras.ops.convert_to_numpy(ours.seed_generator.state)) == list(
-            keras.ops.convert_to_numpy(plain.seed_generator.state))
-    assert seeded[1].seed is None and not hasattr(seeded[1], "seed_generator")
-
-
-def test_a_backend_specific_optimizer_is_saved_by_the_name_every_backend_loads() -> None:
-    torch_saved = {"compile_config": {"optimizer": {"module": "keras.src.backend.torch.optimizers.torch_adam",
-                                                    "class_name": "Adam", "registered_name": "Adam", "config": {}}}}
-    fixed = json.loads(cnn.portable_config(json.dumps(torch_saved).encode()))
-    assert fixed["compile_config"]["optimizer"] == {"module": "keras.optimizers", "class_name": "Adam",
-                                                    "registered_name": None, "config": {}}
-    tensorflow_saved = {"compile_config": {"optimizer": {"module": "keras.optimizers", "class_name": "Adam",
-                                                         "registered_name": None, "config": {"a": 1}}}}
-    assert json.loads(cnn.portable_config(json.dumps(tensorflow_saved).encode())) == tensorflow_saved

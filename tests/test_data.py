@@ -43,9 +43,11 @@ def test_read_idx_refuses_broken_files(tmp_path: Path, content: bytes, message: 
         cnn.read_idx(path)
 
 
-def test_check_arrays_accepts_fashion_mnist_shapes() -> None:
-    cnn.check_arrays(np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.uint8),
-                     np.zeros((10000, 28, 28), np.uint8), np.full(10000, 9, np.uint8))
+def test_check_arrays_accepts_fashion_mnist_shapes_and_labels_up_to_9() -> None:
+    shapes = [np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.uint8), np.zeros((10000, 28, 28), np.uint8)]
+    assert cnn.check_arrays(*shapes, np.full(10000, 9, np.uint8)) is None  # Ankle boot, the last class
+    with pytest.raises(cnn.UserError, match="test labels go up to 10"):
+        cnn.check_arrays(*shapes, np.full(10000, 10, np.uint8))
 
 
 @pytest.mark.parametrize(("field", "bad", "message"), [
@@ -120,8 +122,6 @@ def test_real_data_loads_with_known_labels() -> None:
     assert y_test[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
     assert np.bincount(y_test).tolist() == [1000] * 10
 
-
-# The other forms the data comes in: uncompressed IDX files, torchvision's folders, Kaggle's CSV files
 
 SMALL = {"train_images": np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8),
          "train_labels": np.arange(30, dtype=np.uint8) % 10,

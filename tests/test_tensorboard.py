@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import ConvolutionalNN as cnn
 from conftest import TINY, call_main
-from test_interrupt import run_flags, stop_in_epoch
+from test_resume import run_flags, stop_in_epoch
 
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -50,14 +50,14 @@ def test_two_calls_in_the_same_second_get_folders_of_their_own(tmp_path: Path) -
     assert first.parent == second.parent == (tmp_path / "logs").resolve() and first != second
 
 
-@pytest.mark.keras
+@pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
 def test_an_epoch_the_log_already_holds_is_not_written_again(tmp_path: Path) -> None:
     keras = cnn.import_keras()
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
 
     def log_epochs(epochs: range) -> None:
-        log = cnn.tensorboard_log(tmp_path)
+        log = cnn.on_keras(cnn.EpochLog, "callbacks.TensorBoard")(tmp_path)
         log.set_model(model)
         log.on_train_begin()
         for epoch in epochs:

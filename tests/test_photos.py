@@ -29,6 +29,7 @@ def paint(picture: np.ndarray, where: np.ndarray, colour: tuple[int, int, int]) 
 def saved(tmp_path: Path, picture: np.ndarray, name: str = "photo.jpg") -> Path:
     """The picture as a JPEG (or whatever the name says) in tmp_path."""
     path = tmp_path / name
+    cnn.register_photo_formats()  # Pillow writes HEIC only once pillow-heif is registered, whichever test ran first
     Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8)).save(path, quality=92)
     return path
 
@@ -116,8 +117,8 @@ def test_a_broken_heic_file_is_one_line(tmp_path: Path) -> None:
     ([0.55, 0.05] + [0.4 / 8] * 8, False),
 ])
 def test_a_spread_out_reading_is_marked_unsure_with_its_score(probs: list[float], unsure: bool) -> None:
-    seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), False, None, True, photo=True)
-    result = cnn.prediction(Path("x.jpg"), np.array(probs), seen)
+    seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), inverted=False, box=None, item_found=True, photo=True)
+    result = cnn.classification(Path("x.jpg"), np.array(probs), seen)
     assert result["unsure"] is unsure
     assert result["unsure_score"] == pytest.approx(cnn.unsure_score(np.array(probs)), abs=1e-4)
     assert (result["unsure_score"] > cnn.UNSURE_ABOVE) is unsure
@@ -131,8 +132,8 @@ def widest_gap(picture: Image.Image, rows: slice) -> int:
 
 def test_the_panel_titles_do_not_overlap_on_a_narrow_portrait_photo(tmp_path: Path) -> None:
     narrow = Image.fromarray(np.full((700, 120, 3), 200, np.uint8))
-    seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), True, (10, 100, 110, 600), True, photo=True,
-                            preview=narrow)
+    seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), inverted=True, box=(10, 100, 110, 600), item_found=True,
+                            photo=True, preview=narrow)
     result = {"top3": [{"class": "Dress", "probability": 0.5}] * 3, "unsure": True}
     cnn.draw_what_the_network_saw(seen, result, tmp_path / "seen.png")
     assert widest_gap(Image.open(tmp_path / "seen.png"), slice(8, 30)) >= 10, "the two titles stand apart"

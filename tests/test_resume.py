@@ -16,10 +16,12 @@ import pytest
 from PIL import Image
 
 import ConvolutionalNN as cnn
-from conftest import SCRIPT, TINY, call_main, run_cli
+from conftest import DEAD_AND_SLOW, SCRIPT, TINY, call_main, run_cli
 
 LEVERS = ["--ema", "0.9", "--label-smoothing", "0.1", "--shift", "2", "--flip", "--tta", "--erase", "0.5",
           "--warmup-epochs", "1"]  # all kept exact on resume
+
+
 LONG = [*TINY, "--limit", "1600", "--epochs", "4", *LEVERS]  # 40 steps an epoch: time to land a signal inside one
 
 
@@ -177,7 +179,6 @@ def test_interrupted_study_resumes_without_retraining_finished_runs(tmp_path: Pa
 @pytest.mark.slow
 def test_a_resumed_study_with_a_stopped_rate_ends_like_an_uninterrupted_one(tmp_path: Path, data_dir: Path) -> None:
     """Also when the kill came after the stalled rate's last epoch was saved but before its run was closed."""
-    from test_study_predict import DEAD_AND_SLOW
 
     def flags(folder: Path) -> list[str]:
         return ["--data-dir", str(data_dir), "--plots-dir", str(folder / "plots"),
@@ -206,100 +207,6 @@ def test_a_resumed_study_with_a_stopped_rate_ends_like_an_uninterrupted_one(tmp_
             np.testing.assert_allclose(again["runs"][0]["history"][key], first["runs"][0]["history"][key],
                                        rtol=1e-5, err_msg=key)
     assert rows["run"][0]["stopped"] == "stopped after epoch 2: stalled at chance level"
-
-
-@pytest.mark.keras
-def test_every_epoch_gets_its_own_batch_order_and_dropout_masks() -> None:
-    """fit(shuffle=True) with a seed set gives the same order every epoch; the epoch streams must not."""
-    import keras
-
-    cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8"])
-    cnn.seed_everything(0)
-    model = cnn.build_model(cfg, 0.01, 10)
-    index = np.arange(64, dtype=np.uint8)
-    images = np.broadcast_to(index[:, None, None, None], (64, 28, 28, 1)).copy()  # image k is all k
-    batches, start_epoch = cnn.epoch_streams(images, index % 10, 16, 0, model)
-    dropout = [layer.seed_generator for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
-
-    def epoch(number: int) -> tuple[list[int], list[list[int]]]:
-        start_epoch(number)
-        order = [int(v) for x, _ in batches for v in x.numpy()[:, 0, 0, 0]]
-        return order, [g.state.numpy().tolist() for g in dropout]
-
-    first, second = epoch(0), epoch(1)
-    assert sorted(first[0]) == index.tolist(), "each epoch sees every image once"
-    assert first[0] != second[0], "same batch order in consecutive epochs"
-    assert all(a != b for a, b in zip(first[1], second[1], strict=True)), "same dropout masks in consecutive epochs"
-    assert epoch(0) == first and epoch(1) == second, "an epoch's order and masks depend on (seed, epoch) alone"
-
-
-def augmentation_of_each_image(images: np.ndarray, seed: int, epoch: int) -> dict[int, tuple[bool, int, int]]:
-    """For one epoch of --shift 2 --flip batches: image index -> (mirrored, pixels moved down, pixels moved right)."""
-    cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8"])
-    model = cnn.build_model(cfg, 0.01, 10)
-    batches, start_epoch = cnn.epoch_streams(images, np.zeros(len(images), np.uint8), 16, seed, model,
-                                             shift=2, flip=True)
-    start_epoch(epoch)
-    copies = {moved(images[k, :, ::-1] if flipped else images[k], dy, dx).tobytes(): (k, flipped, dy, dx)
-              for k in range(len(images)) for flipped in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)}
-    found = [copies.get(image.tobytes()) for x, _ in batches for image in x.numpy()]
-    assert None not in found, "every training image is a source image, flipped or not, moved by at most 2 px"
-    assert sorted(k for k, *_ in found) == list(range(len(images))), "each image once an epoch"
-    return {k: (flipped, dy, dx) for k, flipped, dy, dx in found}
-
-
-@pytest.mark.keras
-def test_random_erasing_puts_one_noise_rectangle_in_the_chosen_share_of_images_keyed_by_seed_and_epoch() -> None:
-    """--erase 0.5: about half the images of an epoch get a rectangle of 2-40% of the image, the rest are untouched."""
-    images = np.zeros((400, 28, 28, 1), np.uint8)
-    cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8"])
-    model = cnn.build_model(cfg, 0.01, 10)
-    batches, start_epoch = cnn.epoch_streams(images, np.zeros(len(images), np.uint8), 100, 0, model, erase=0.5)
-
-    def erased(epoch: int) -> np.ndarray:
-        start_epoch(epoch)
-        return np.concatenate([x.numpy() for x, _ in batches])[..., 0] != 0  # noise is 0 in 1 pixel of 256
-
-    first = erased(0)
-    hit = first.reshape(len(images), -1).any(axis=1)
-    assert 150 < hit.sum() < 250
-    for mask in first[hit]:
-        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-        assert box.mean() > 0.9, "the noise fills one rectangle"
-        assert 0.015 <= box.size / mask.size <= 0.41
-    assert (erased(0) == first).all() and (erased(1) != first).any(), "a function of (seed, epoch)"
-
-
-@pytest.mark.keras
-def test_warm_up_raises_the_learning_rate_from_0_then_the_cosine_decays_it() -> None:
-    cfg = cnn.parse_args(["--warmup-epochs", "1", "--epochs", "4", "--filters", "4", "--dense-units", "8"])
-    schedule = cnn.build_model(cfg, 0.001, steps_per_epoch=100).optimizer._learning_rate
-    at = [float(schedule(step)) for step in (0, 50, 100, 250, 400)]
-    assert at == pytest.approx([0, 0.0005, 0.001, 0.0005, 0], abs=1e-7)
-    flat = cnn.parse_args(["--warmup-epochs", "1", "--epochs", "4", "--schedule", "constant"])
-    schedule = cnn.build_model(flat, 0.001, steps_per_epoch=100).optimizer._learning_rate
-    assert [float(schedule(step)) for step in (50, 100, 399)] == pytest.approx([0.0005, 0.001, 0.001])
-
-
-def moved(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """image moved dy pixels down and dx right, zero-filled."""
-    out = np.zeros_like(image)
-    h, w = image.shape[:2]
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = image[max(-dy, 0):h - max(dy, 0),
-                                                                       max(-dx, 0):w - max(dx, 0)]
-    return out
-
-
-@pytest.mark.keras
-def test_augmented_batches_are_shifted_and_flipped_copies_keyed_by_seed_and_epoch() -> None:
-    images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1), dtype=np.uint8)  # no 0: the fill shows
-    first = augmentation_of_each_image(images, seed=0, epoch=0)
-    assert 16 < sum(flipped for flipped, _, _ in first.values()) < 48, "about half the images are mirrored"
-    assert len({move[1:] for move in first.values()}) > 15, "shifts take many of the 25 values"
-    assert augmentation_of_each_image(images, seed=0, epoch=0) == first, "(seed, epoch) decides it all"
-    for other in (augmentation_of_each_image(images, seed=0, epoch=1), augmentation_of_each_image(images, 1, 0)):
-        assert sum(other[k] != first[k] for k in first) > 48, "an image gets a new augmentation each epoch and seed"
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The learning-rate study, and --predict on your own images."""
+"""--predict on image files: formats, modes, bit depths, sizes, bad files and models, test-time augmentation,
+and 28x28 images and renders of them read like the test set."""
 
 from __future__ import annotations
 
@@ -15,137 +16,7 @@ import pytest
 from PIL import Image
 
 import ConvolutionalNN as cnn
-from conftest import SHAPES, TINY, call_main, class_image, run_cli
-
-
-@pytest.mark.slow
-def test_study_over_three_rates_marks_divergence_and_recommends_by_val_loss(tmp_path: Path, data_dir: Path) -> None:
-    plots, model = tmp_path / "plots", tmp_path / "m.keras"
-    ran = call_main("--data-dir", data_dir, "--plots-dir", plots, "--model-path", model, *TINY,
-                   "--epochs", "2", "--schedule", "constant", "--lr", "1e12", "0.01", "0.001")
-    assert ran.returncode == 0, ran.stderr
-    assert "rate 1 of 3: lr=1e+12" in ran.stdout and "rate 3 of 3: lr=0.001" in ran.stdout
-    study = json.loads((plots / "lr_study.json").read_text())
-    rows = {r["lr"]: r for r in study["rates"]}
-    assert list(rows) == [1e12, 0.01, 0.001]
-    assert rows[1e12]["diverged"] is True
-    assert not rows[0.01]["diverged"] and not rows[0.001]["diverged"]
-    healthy = [rows[0.01], rows[0.001]]
-    best = min(healthy, key=lambda r: r["best_val_loss"])
-    assert study["recommended_lr"] == best["lr"]
-    assert all(r["epochs_completed"] == 2 and r["training_seconds"] > 0 for r in healthy)
-    table = ran.stdout[ran.stdout.index("best val loss"):]
-    assert "diverged" in table and "recommended" in table
-    assert f"Recommended learning rate: {best['lr']:g}" in ran.stdout
-    assert (plots / "lr_study.png").read_bytes()[:4] == b"\x89PNG"
-    metrics = json.loads((plots / "metrics.json").read_text())
-    assert metrics["learning_rate"] == best["lr"]
-    assert model.exists() and (plots / "confusion_matrix.png").exists()
-
-
-@pytest.mark.slow
-def test_a_single_diverging_run_says_to_lower_the_rate(tmp_path: Path, data_dir: Path) -> None:
-    ran = call_main("--data-dir", data_dir, "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras",
-                   *TINY, "--lr", "1e12", "--schedule", "constant")
-    assert ran.returncode == 3
-    assert "smaller --lr" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
-
-
-def test_a_rate_stuck_at_chance_is_called_stalled_not_healthy(tmp_path: Path) -> None:
-    """Like lr 0.1 on the real data: no NaN, yet validation accuracy stays at 10% for every epoch."""
-    def run(lr: float, val_acc: list[float], val_loss: list[float]) -> cnn.TrainResult:
-        history = {"loss": val_loss, "val_loss": val_loss, "accuracy": val_acc, "val_accuracy": val_acc}
-        return cnn.TrainResult(None, lr, history, int(np.argmin(val_loss)) + 1, 1.0)
-
-    by_rate = {0.1: [run(0.1, [0.1, 0.1, 0.1], [2.3055, 2.3030, 2.3026])],
-               0.001: [run(0.001, [0.80, 0.86, 0.89], [0.55, 0.38, 0.30])]}
-    rows = [cnn.rate_row(lr, results) for lr, results in by_rate.items()]
-    assert [r["stalled_at_chance"] for r in rows] == [True, False]
-    assert [r["diverged"] for r in rows] == [False, False]
-    table = cnn.format_study_table(rows, cnn.recommend(rows)).splitlines()
-    assert table[1].split()[0] == "0.1" and table[1].endswith("stalled at chance level")
-    assert table[2].split()[0] == "0.001" and table[2].endswith("recommended")
-    cnn.plot_study(by_rate, tmp_path / "lr_study.png")
-    assert (tmp_path / "lr_study.png").read_bytes()[:4] == b"\x89PNG"
-
-
-# On the synthetic data, lr 3 is dead from the first epoch (9-12% validation accuracy, loss 2.47, 2.34, 2.35), and
-# lr 0.0001 is a slow starter: 9-12% accuracy for five epochs, but its loss falls (2.292, 2.283, 2.277...).
-DEAD_AND_SLOW = [*TINY, "--epochs", "4", "--schedule", "constant", "--lr", "3", "0.0001"]
-
-
-@pytest.mark.slow
-def test_a_study_stops_a_rate_stalled_at_chance_and_lets_a_slow_starter_learn(tmp_path: Path, data_dir: Path) -> None:
-    plots = tmp_path / "plots"
-    ran = call_main("--data-dir", data_dir, "--plots-dir", plots, "--model-path", tmp_path / "m.keras", *DEAD_AND_SLOW)
-    assert ran.returncode == 0, ran.stderr
-    study = json.loads((plots / "lr_study.json").read_text())
-    dead, slow = study["rates"]
-    assert dead["stopped"] == "stopped after epoch 2: stalled at chance level"
-    assert dead["epochs_completed"] == 2 and len(dead["runs"][0]["history"]["val_accuracy"]) == 2
-    assert dead["runs"][0]["stopped_after_epoch"] == 2 and dead["runs"][0]["stopped_because"] == cnn.STALLED
-    assert slow["stopped"] is None and slow["epochs_completed"] == 4
-    assert slow["runs"][0]["stopped_after_epoch"] is None and slow["runs"][0]["stopped_because"] is None
-    assert study["recommended_lr"] == 0.0001
-    table = ran.stdout[ran.stdout.index("best val loss"):].splitlines()
-    assert table[1].split()[0] == "3" and table[1].endswith("stopped after epoch 2: stalled at chance level")
-    assert table[2].split()[0] == "0.0001" and table[2].endswith("recommended")
-    assert ran.stdout.count("Epoch 3/4") == ran.stdout.count("Epoch 4/4") == 1, "only the slow starter goes on"
-
-
-@pytest.mark.slow
-def test_a_single_run_at_chance_trains_every_epoch(tmp_path: Path, data_dir: Path) -> None:
-    ran = call_main("--data-dir", data_dir, "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras",
-                    *TINY, "--epochs", "4", "--schedule", "constant", "--lr", "3")
-    assert ran.returncode == 0, ran.stderr
-    assert json.loads((tmp_path / "p" / "metrics.json").read_text())["epochs_completed"] == 4
-
-
-@pytest.mark.parametrize(("val_accuracy", "val_loss", "stops"), [
-    ([0.10, 0.11], [2.33, 2.3026], True),                  # dead from the start
-    ([0.85, 0.10, 0.10], [0.5, 2.31, 2.31], True),         # learned, then died
-    ([0.12, 0.12, 0.12], [2.2968, 2.3007, 2.2951], True),  # hovering at chance (a split not quite balanced)
-    ([0.10], [2.31], False),                               # too early to tell
-    ([0.10, 0.12], [2.294, 2.282], False),                 # slow starter: its loss has left chance
-    ([0.10, 0.20], [2.31, 2.31], False),                   # slow starter: its accuracy has left chance
-    ([0.10, 0.10, 0.20, 0.30], [2.31, 2.31, 2.2, 2.1], False),  # ... though a study would have stopped it at 2
-])
-def test_stalled_means_accuracy_and_loss_at_chance_for_two_epochs(val_accuracy: list[float], val_loss: list[float],
-                                                                   stops: bool) -> None:
-    assert cnn.stalled({"val_accuracy": val_accuracy, "val_loss": val_loss}) is stops
-    history = {"loss": val_loss, "val_accuracy": val_accuracy, "val_loss": val_loss}
-    assert cnn.stop_reason(history, epochs=20) == (cnn.STALLED if stops else None)
-    assert cnn.stop_reason(history, epochs=len(val_loss)) is None, "a run that did every epoch was not stopped"
-
-
-def test_the_study_figure_fits_the_rates_that_learn(tmp_path: Path) -> None:
-    """lr 0.1's first-epoch loss of 34 must not set the loss axis, nor its 10% the accuracy axis."""
-    def run(lr: float, val_acc: list[float], val_loss: list[float], loss: list[float],
-            stopped: str | None = None) -> cnn.TrainResult:
-        history = {"loss": loss, "val_loss": val_loss, "accuracy": val_acc, "val_accuracy": val_acc}
-        return cnn.TrainResult(None, lr, history, 1, 1.0, stopped_because=stopped)
-
-    by_rate = {0.1: [run(0.1, [0.1, 0.1, 0.1], [2.3028, 2.3028, 2.3027], [34.2, 2.31, 2.31], cnn.STALLED)],
-               0.01: [run(0.01, [0.88, 0.90, 0.91, 0.92], [0.76, 0.70, 0.68, 0.66], [0.9, 0.72, 0.69, 0.66])],
-               0.001: [run(0.001, [0.86, 0.90, 0.92, 0.93], [0.82, 0.71, 0.66, 0.63], [1.1, 0.8, 0.7, 0.62])]}
-    import matplotlib.pyplot as plt
-
-    saved = {}
-    real_save = cnn.save_figure
-    cnn.save_figure = lambda fig, path: saved.setdefault("fig", fig)
-    try:
-        cnn.plot_study(by_rate, tmp_path / "lr_study.png")
-    finally:
-        cnn.save_figure = real_save
-    loss_ax, acc_ax = saved["fig"].axes
-    assert loss_ax.get_ylim()[1] < 1.2 and loss_ax.get_ylim()[0] > 0.5
-    assert acc_ax.get_ylim()[0] > 0.8 and acc_ax.get_ylim()[1] < 0.95
-    labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
-    assert labels[0] == "lr 0.1 (stopped after epoch 3: stalled at chance level)"
-    dead_line = acc_ax.lines[0]
-    assert len(dead_line.get_xdata()) == 3, "the stopped rate's curve ends where it stopped"
-    assert min(dead_line.get_ydata()) == pytest.approx(acc_ax.get_ylim()[0]), "held at the axis' edge"
-    plt.close(saved["fig"])
+from conftest import SHAPES, call_main, class_image, run_cli
 
 
 def save_image(path: Path, image: Image.Image, **options: object) -> Path:
@@ -258,7 +129,7 @@ def test_predict_refuses_a_file_that_is_not_a_model(tmp_path: Path, content: byt
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.keras
+@pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
 def test_predict_refuses_a_zip_that_is_not_a_model(tmp_path: Path) -> None:
     img = save_image(tmp_path / "x.png", shirt_like((28, 28), "L", False))
     model = tmp_path / "archive.keras"
@@ -561,9 +432,10 @@ class LeftOrRight:
 def test_a_shoe_photo_pointing_the_other_way_is_read_mirrored_and_a_28x28_image_never() -> None:
     right_heavy = np.zeros((28, 28), np.uint8)
     right_heavy[10:20, 16:27] = 200
-    photo = cnn.NetworkInput(right_heavy.copy(), True, (0, 0, 10, 10), True, photo=True)
-    array = cnn.NetworkInput(right_heavy.copy(), False, None, True, photo=False)
-    probs = cnn.read_both_ways(LeftOrRight(), [photo, array], tta=None)
+    photo = cnn.NetworkInput(right_heavy.copy(), inverted=True, box=(0, 0, 10, 10), item_found=True, photo=True)
+    array = cnn.NetworkInput(right_heavy.copy(), inverted=False, box=None, item_found=True, photo=False)
+    probs, (photo_read, array_read) = cnn.read_both_ways(LeftOrRight(), [photo, array], tta=None)
     assert [cnn.CLASS_NAMES[k] for k in probs.argmax(axis=1)] == ["Sneaker", "Bag"]
-    assert photo.mirrored and np.array_equal(photo.pixels, right_heavy[:, ::-1]), "the picture shows what was read"
-    assert not array.mirrored and np.array_equal(array.pixels, right_heavy)
+    assert photo_read.mirrored and np.array_equal(photo_read.pixels, right_heavy[:, ::-1]), "shows what was read"
+    assert not array_read.mirrored and np.array_equal(array_read.pixels, right_heavy)
+    assert not photo.mirrored and np.array_equal(photo.pixels, right_heavy), "what was decoded is left as it was"

@@ -351,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_and_report(cfg: Config) -> int:
     """Load and split -> train every (rate, seed) run, here or on Ray -> report."""
+    if cfg.resume and not resume_root(cfg).is_dir():  # before any folder is made or any data read
+        raise UserError(f"nothing to resume at {resume_root(cfg)}: no unfinished run with this --model-path; "
+                        "run without --resume")
     check_writable(cfg.plots_dir, cfg.model_path.parent, *([cfg.tensorboard] if cfg.tensorboard else []))
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
@@ -760,7 +763,7 @@ class TrainResult:
 
 def train_here(cfg: Config, split: Callable[[int], Dataset]) -> list[TrainResult]:
     """Train every run on this machine, one after another; stop at the first interrupted one."""
-    prepare_resume_root(cfg)
+    discard_unfinished_run(cfg)
     cfg = with_tensorboard_group(cfg)
     results = []
     for number, (lr, seed) in enumerate(cfg.runs, start=1):
@@ -2219,12 +2222,9 @@ def run_folder(cfg: Config, lr: float, seed: int) -> Path:
     return root if cfg.single_run else root / f"lr{lr:g}-seed{seed}"
 
 
-def prepare_resume_root(cfg: Config) -> None:
-    """Without --resume, discard any unfinished run; with it, make sure there is one."""
+def discard_unfinished_run(cfg: Config) -> None:
+    """Without --resume, discard the unfinished run of this --model-path, if there is one."""
     root = resume_root(cfg)
-    if cfg.resume and not root.is_dir():
-        raise UserError(f"nothing to resume at {root}: no unfinished run with this --model-path; "
-                        "run without --resume")
     if not cfg.resume and root.exists():
         print(f"Note: starting afresh; discarding the unfinished run saved in {root}")
         shutil.rmtree(root)

@@ -226,3 +226,11 @@ def test_predict_averages_over_the_copies_the_model_was_trained_with(tmp_path: P
     assert top["class"] == cnn.CLASS_NAMES[averaged.argmax()]
     assert top["probability"] == pytest.approx(averaged.max(), abs=1e-5)
     assert top["probability"] != pytest.approx(model.predict(image[None, :, :, None], verbose=0)[0].max(), abs=1e-4)
+
+
+def test_resume_with_nothing_to_resume_is_one_line_before_any_folder_is_made(tmp_path: Path) -> None:
+    ran = call_main("--resume", "--data-dir", tmp_path / "nowhere", "--plots-dir", tmp_path / "plots",
+                    "--model-path", tmp_path / "models" / "m.keras")
+    assert ran.returncode == 1 and ran.stdout == ""
+    assert ran.stderr.startswith(f"error: nothing to resume at {tmp_path / 'models' / '.m.resume'}")
+    assert not (tmp_path / "plots").exists() and not (tmp_path / "models").exists()

@@ -1326,8 +1326,10 @@ def library_versions() -> dict[str, str]:
     import sklearn
 
     keras, tf = import_keras(), import_tensorflow()
+    backend = BACKENDS[keras.backend.backend()][0]  # the module Keras runs on: tensorflow, jax or torch
     return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "matplotlib": matplotlib.__version__}
+            backend: sys.modules[backend].__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "matplotlib": matplotlib.__version__}
 
 
 def peak_memory_mb() -> float | None:

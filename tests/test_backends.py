@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -79,6 +80,7 @@ def test_a_model_trained_on_another_backend_writes_every_output_and_predicts_the
         "predictions.png"]
     metrics = json.loads((tmp_path / "plots" / "metrics.json").read_text())
     assert metrics["config"]["backend"] == backend and metrics["test_accuracy"] > 0.3
+    assert metrics["versions"][backend] == importlib.metadata.version(backend), "the backend's version is recorded"
     from PIL import Image
     for label in range(10):
         Image.fromarray(class_image(label, seed=7)).save(tmp_path / f"{label}.png")

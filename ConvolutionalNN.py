@@ -261,18 +261,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class GivenOnce(argparse.Action):
-    """A flag of several values (--lr, --seed, --predict) refuses to be given twice: argparse would keep the last
-    list only, and `--lr 0.1 --lr 0.01` would silently be a plain run at 0.01."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        if getattr(self, "given", False):
-            parser.error(f"{option_string} given twice; list every value after one {option_string}")
-        self.given = True
-        setattr(namespace, self.dest, values)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line, one flag per Config field, with every default in its help."""
     parser = OneLineErrorParser(prog="ConvolutionalNN.py", description="Train, study and use a CNN on Fashion-MNIST.",
@@ -282,9 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         meta = field.metadata
         flags = meta["flags"] or (f"--{field.name.replace('_', '-')}",)
         default = list(field.default) if isinstance(field.default, tuple) else field.default
-        once = {"action": GivenOnce} if meta["argparse"].get("nargs") == "+" else {}
         groups[meta["group"]].add_argument(*flags, dest=field.name, default=default, help=meta["help"],
-                                           **once, **meta["argparse"])
+                                           **meta["argparse"])
     return parser
 
 

@@ -298,7 +298,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     flags.backend = flags.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
     if flags.backend not in BACKENDS:
         parser.error(f"KERAS_BACKEND={flags.backend} is not a backend this script runs on; use {', '.join(BACKENDS)}")
-    if flags.distribute != "none" and flags.backend not in ("tensorflow", "jax"):  # what the backend has, not a typo: 1
+    if flags.distribute != "none" and flags.backend not in ("tensorflow", "jax"):  # not a typo, so exit 1, not 2
         raise UserError(f"--distribute mirrored needs --backend tensorflow (MirroredStrategy) or jax "
                         f"(DataParallel); {flags.backend} has no such strategy here")
     if flags.ray and flags.distribute != "none":
@@ -352,8 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train_and_report(cfg: Config) -> int:
     """Load and split -> train every (rate, seed) run, here or on Ray -> report."""
     if cfg.resume and not resume_root(cfg).is_dir():  # before any folder is made or any data read
-        raise UserError(f"nothing to resume at {resume_root(cfg)}: no unfinished run with this --model-path; "
-                        "run without --resume")
+        raise nothing_to_resume(resume_root(cfg))
     check_writable(cfg.plots_dir, cfg.model_path.parent, *([cfg.tensorboard] if cfg.tensorboard else []))
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
@@ -799,9 +798,10 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
     log = cfg.tensorboard / run_log_name(cfg, lr, seed) if cfg.tensorboard else None
     stopped_by = None
     if not state.finished:
+        batches, start_epoch = epoch_streams(cfg, data.x_train, data.y_train, seed, model)
         with stop_requests() if handle_signals else contextlib.nullcontext([]) as received:
-            keeper = on_keras(RunKeeper, "callbacks.Callback")(state, folder, received, cfg.is_study)
-            stopped_by = fit(cfg, model, data, seed, keeper, log)
+            keeper = on_keras(RunKeeper, "callbacks.Callback")(state, folder, start_epoch, received, cfg.is_study)
+            stopped_by = fit(cfg, model, batches, data, keeper, log)
     if state.best_weights is not None:
         model.set_weights(state.best_weights)
     if stopped_by is None and not state.finished:
@@ -813,11 +813,10 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
                        seconds=state.seconds, precision=precision, ended=ended, signal=stopped_by)
 
 
-def fit(cfg: Config, model: Any, data: Dataset, seed: int, keeper: RunKeeper, log: Path | None) -> int | None:
-    """model.fit over the epoch streams, validating every epoch, with the keeper and (log) TensorBoard; the
+def fit(cfg: Config, model: Any, batches: Any, data: Dataset, keeper: RunKeeper, log: Path | None) -> int | None:
+    """model.fit over the epoch streams, validating on data every epoch, with the keeper and (log) TensorBoard; the
     number of the signal that stopped it, if one did."""
     keras = import_keras()
-    batches, keeper.start_epoch = epoch_streams(cfg, data.x_train, data.y_train, seed, model)
     callbacks = [keeper,  # first: sees each hook before the others
                  *([keras.callbacks.SwapEMAWeights()] if cfg.ema else []),  # validate the average
                  *([on_keras(EpochLog, "callbacks.TensorBoard")(log)] if log else []),
@@ -936,15 +935,17 @@ def random_erasing(images: Any, key: Any, probability: float) -> Any:
 
 class RunKeeper:
     """The run's own Keras callback (on_keras makes it one). Before each epoch it keys the epoch's batches and
-    dropout masks; after each batch it stops the run if a signal came; after each epoch it records the figures,
-    keeps the weights validation measured (with --ema, the average: SwapEMAWeights swaps it in for validation) if
-    they are the best so far, and saves all that in folder for --resume (EarlyStopping(restore_best_weights)
-    forgets them on resume). In a study (stops_stalled) it ends a run stalled at chance level."""
+    dropout masks (start_epoch, from epoch_streams); after each batch it stops the run if a signal came; after each
+    epoch it records the figures, keeps the weights validation measured (with --ema, the average: SwapEMAWeights
+    swaps it in for validation) if they are the best so far, and saves all that in folder for --resume
+    (EarlyStopping(restore_best_weights) forgets them on resume). In a study (stops_stalled) it ends a run stalled
+    at chance level."""
 
-    def __init__(self, state: RunState, folder: Path, stop: list[int], stops_stalled: bool) -> None:
+    def __init__(self, state: RunState, folder: Path, start_epoch: Callable[[int], None], stop: list[int],
+                 stops_stalled: bool) -> None:
         super().__init__()
-        self.state, self.folder, self.stop, self.stops_stalled = state, folder, stop, stops_stalled
-        self.start_epoch: Callable[[int], None] = lambda epoch: None  # fit sets it to the epoch streams' own
+        self.state, self.folder, self.start_epoch, self.stop = state, folder, start_epoch, stop
+        self.stops_stalled = stops_stalled
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.seconds_before, self.started = self.state.seconds, time.perf_counter()
@@ -1911,7 +1912,7 @@ def item_mask(contrast: np.ndarray) -> np.ndarray:
         return np.zeros_like(standing_out)
     main = max(candidates, key=lambda k: sizes[k] * centrality(parts[k], contrast.shape))
     kept_labels = [k + 1 for k in candidates if k == main
-            or (sizes[k] >= 0.25 * sizes[main] and overlaps(parts[k], parts[main]))]
+                   or (sizes[k] >= 0.25 * sizes[main] and overlaps(parts[k], parts[main]))]
     item = np.isin(labels, kept_labels)
     item &= contrast > ITEM_LEVEL * float(np.percentile(contrast[item], 99))  # a shadow is fainter than the item
     return item
@@ -1929,7 +1930,8 @@ def segment_item(work: np.ndarray, first_guess: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     band = border_band(first_guess.shape)
-    if first_guess.any() and not (first_guess & band).any():
+    flat = np.ptp(work, axis=(0, 1)).max() < TRIM_LEVEL  # one colour: nothing to find, and GrabCut takes seconds on it
+    if flat or (first_guess.any() and not (first_guess & band).any()):
         return tidy_item(first_guess)
     h, w = first_guess.shape
     seeds = np.full((h, w), cv2.GC_PR_BGD, np.uint8)
@@ -1942,8 +1944,6 @@ def segment_item(work: np.ndarray, first_guess: np.ndarray) -> np.ndarray:
     seeds[band & ~first_guess] = cv2.GC_BGD
     maybe_item = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
     if maybe_item.all() or not maybe_item.any():  # GrabCut needs both; a picture a few pixels across has no room
-        return tidy_item(first_guess)
-    if np.ptp(work, axis=(0, 1)).max() < TRIM_LEVEL:  # one colour: nothing to find, and GrabCut takes seconds on it
         return tidy_item(first_guess)
     rgb = np.clip(np.repeat(work, 3 // work.shape[2], axis=2), 0, 255).astype(np.uint8)
     models = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)  # GrabCut's colour models, its state
@@ -2224,6 +2224,11 @@ def run_folder(cfg: Config, lr: float, seed: int) -> Path:
     return root if cfg.single_run else root / f"lr{lr:g}-seed{seed}"
 
 
+def nothing_to_resume(folder: Path) -> UserError:
+    """The error for --resume where no unfinished run is saved."""
+    return UserError(f"nothing to resume at {folder}: no unfinished run with this --model-path; run without --resume")
+
+
 def discard_unfinished_run(cfg: Config) -> None:
     """Without --resume, discard the unfinished run of this --model-path, if there is one."""
     root = resume_root(cfg)
@@ -2263,8 +2268,7 @@ class RunState:
                 with np.load(folder / "best_weights.npz") as npz:
                     weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
         except FileNotFoundError:
-            raise UserError(f"nothing to resume at {folder}: no unfinished run with this --model-path; "
-                            "run without --resume") from None
+            raise nothing_to_resume(folder) from None
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"the resume state in {folder} is damaged ({first_line(e)}); "
                             "run without --resume to start afresh") from None

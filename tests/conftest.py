@@ -166,12 +166,10 @@ class Ran:
 def call_main(*args: str | os.PathLike) -> Ran:
     """Call ConvolutionalNN.main in this process (TensorFlow is imported once) and capture what it prints; a usage
     error's SystemExit becomes its exit status, as `sys.exit(main())` makes it for the shell."""
-    import ConvolutionalNN
-
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = ConvolutionalNN.main([str(a) for a in args])
+            code = cnn.main([str(a) for a in args])
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 1
     return Ran(code, out.getvalue(), err.getvalue())

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import ConvolutionalNN as cnn
+from conftest import call_main
 
 
 def floor(h: int = 400, w: int = 300, seed: int = 0) -> np.ndarray:
@@ -141,8 +142,6 @@ def test_the_panel_titles_do_not_overlap_on_a_narrow_portrait_photo(tmp_path: Pa
 
 @pytest.mark.slow
 def test_predict_says_unsure_beside_the_class_in_text_and_json(tmp_path: Path, trained: dict) -> None:
-    from conftest import call_main
-
     picture = floor()
     paint(picture, tshirt(400, 300, 90, 40, 220), (40, 60, 130))
     saved(tmp_path, picture, "shirt.heic")
@@ -161,8 +160,6 @@ def test_predict_says_unsure_beside_the_class_in_text_and_json(tmp_path: Path, t
 
 
 def test_predict_without_opencv_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import call_main
-
     find_spec = cnn.importlib.util.find_spec
     monkeypatch.setattr(cnn.importlib.util, "find_spec", lambda name: None if name == "cv2" else find_spec(name))
     ran = call_main("--predict", saved(tmp_path, floor()), "--model-path", tmp_path / "none.keras")

@@ -2,7 +2,8 @@
 
 The cluster keeps its files in a folder of its own, and only the processes that name that
 folder or its port (and their children) are stopped at the end: other Ray instances on the
-machine live on."""
+machine live on.
+"""
 
 from __future__ import annotations
 

@@ -33,14 +33,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_command() -> str:
-    """The ray CLI of the Python running the tests (a virtual environment's bin/), on PATH or not."""
-    beside = Path(sys.executable).with_name("ray")
-    return str(beside) if beside.exists() else shutil.which("ray") or "ray"
-
-
 def ray_cli(*args: str, env: dict[str, str]) -> None:
-    proc = subprocess.run([ray_command(), *args], env=env, capture_output=True, text=True, timeout=180, check=False)
+    """The ray CLI of the Python running the tests, run as its module: no `ray` script on PATH or beside that
+    Python is needed (a virtual environment not activated, or one made with --system-site-packages)."""
+    proc = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, capture_output=True,
+                          text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -116,6 +116,8 @@ def test_a_broken_heic_file_is_one_line(tmp_path: Path) -> None:
     ([0.1] * 10, True),
     ([0.45, 0.4] + [0.15 / 8] * 8, True),
     ([0.55, 0.05] + [0.4 / 8] * 8, False),
+    ([0.48, 0.06] + [0.46 / 8] * 8, True),  # far ahead of the next, yet under half: unsure
+    ([0.53, 0.4] + [0.07 / 8] * 8, False),  # close to the next, but over half
 ])
 def test_a_spread_out_reading_is_marked_unsure_with_its_score(probs: list[float], unsure: bool) -> None:
     seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), inverted=False, box=None, item_found=True, photo=True)

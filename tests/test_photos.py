@@ -86,6 +86,79 @@ def test_an_item_that_runs_off_the_picture_is_still_found(tmp_path: Path) -> Non
     assert abs(left - 70) <= 6 and abs(right - 241) <= 6 and abs(top - 60) <= 6 and bottom >= 394
 
 
+def test_a_garment_as_light_as_the_floor_but_of_another_colour_is_found(tmp_path: Path) -> None:
+    picture = floor()
+    item = tshirt(400, 300, 90, 40, 220)
+    paint(picture, item, (150, 236, 150))  # a pale green of the floor's own lightness: in gray it would vanish
+    left, top, right, bottom = crop_of(saved(tmp_path, picture))  # a JPEG, read in colour
+    assert abs(left - 40) <= 6 and abs(right - 261) <= 6 and abs(top - 112) <= 6 and abs(bottom - 311) <= 6
+
+
+def test_a_garment_under_uneven_light_keeps_even_gray_levels(tmp_path: Path) -> None:
+    light = np.linspace(1.0, 0.4, 300)[None, :, None]  # the window on the left, a dim room on the right
+    picture = floor() * light
+    item = tshirt(400, 300, 90, 40, 220)
+    picture[item] = np.array([150.0, 140, 130]) * light[0, np.mgrid[0:400, 0:300][1][item]]
+    seen = cnn.to_network_input(saved(tmp_path, picture, "photo.png"))
+    inner = seen.pixels[12:24, 9:19]  # the body, well inside its edges
+    assert inner.min() > 0 and np.percentile(inner, 95) - np.percentile(inner, 5) < 20, "shading, not the room's"
+
+
+def height(pixels: np.ndarray) -> int:
+    """How many rows the item spans."""
+    return int(np.ptp(np.flatnonzero(pixels.any(axis=1)))) + 1
+
+
+def width(pixels: np.ndarray) -> int:
+    """How many columns the item spans."""
+    return int(np.ptp(np.flatnonzero(pixels.any(axis=0)))) + 1
+
+
+def test_a_wide_garment_is_also_read_stretched_to_a_garments_proportions(tmp_path: Path) -> None:
+    picture = floor(300, 400)
+    item = tshirt(300, 400, 20, 20, 360) & (np.mgrid[0:300, 0:400][0] < 230)  # arms spread, twice as wide as tall
+    paint(picture, item, (40, 60, 130))
+    seen = cnn.to_network_input(saved(tmp_path, picture))
+    assert width(seen.pixels) == 28 and abs(height(seen.pixels) - 28 * height(item) / width(item)) <= 1.5
+    assert height(seen.garment) == 28 and abs(width(seen.garment) - 28 / cnn.GARMENT_ASPECT) <= 1.5, "stretched"
+    tall = floor()
+    paint(tall, np.pad(np.ones((300, 150), bool), ((50, 50), (75, 75))), (40, 60, 130))
+    assert cnn.to_network_input(saved(tmp_path, tall, "tall.jpg")).garment is None, "tall enough as it is"
+
+
+class TallOrWide:
+    """A stand-in model: a Sneaker (90%) or a Bag (90%) when the image's bottom-left or bottom-right pixel is lit
+    (markers), else a T-shirt (80%) when the item reaches the frame's top and a Bag (50%) when it does not."""
+
+    def predict(self, images: np.ndarray, **_: object) -> np.ndarray:
+        probs = np.full((len(images), 10), 0.01)
+        for i, image in enumerate(images[..., 0]):
+            k, p = (7, 0.9) if image[-1, 0] else (8, 0.9) if image[-1, -1] else (0, 0.8) if image[0].any() \
+                else (8, 0.5)
+            probs[i, k] = p
+        return probs
+
+
+def test_a_wide_photo_is_read_stretched_unless_it_is_a_shoe_or_sure_as_photographed() -> None:
+    wide, tall = np.zeros((28, 28), np.uint8), np.zeros((28, 28), np.uint8)
+    wide[8:20] = 200
+    tall[:, 4:24] = 200
+    shoe, bag = wide.copy(), wide.copy()
+    shoe[-1, 0] = bag[-1, -1] = 255
+    photo = {"inverted": True, "box": (0, 0, 9, 9), "item_found": True, "photo": True, "garment": tall}
+    inputs = [cnn.NetworkInput(wide, **photo), cnn.NetworkInput(shoe, **photo), cnn.NetworkInput(bag, **photo),
+              cnn.NetworkInput(wide, inverted=False, box=None, item_found=True, photo=False)]
+    probs, read = cnn.read_photos(TallOrWide(), inputs, tta=None)
+    assert [cnn.CLASS_NAMES[k] for k in probs.argmax(axis=1)] == ["T-shirt/top", "Sneaker", "Bag", "Bag"]
+    assert read[0].stretched and read[0].as_photographed == "Bag" and np.array_equal(read[0].pixels, tall)
+    assert not read[1].stretched and read[1].as_photographed is None, "a shoe is not a garment to stretch"
+    assert not read[2].stretched, "90% sure as photographed: that reading stands"
+    assert not read[3].stretched, "a 28x28 image is read as it is"
+    result = cnn.classification(Path("x.jpg"), probs[0], read[0])
+    assert result["stretched"] and result["as_photographed"] == "Bag" and result["class"] == "T-shirt/top"
+    assert result["unsure"] and result["unsure_score"] == pytest.approx(0.99), "as photographed, 1% a T-shirt"
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3), (2, 3, 3), (1, 500, 3), (500, 1, 3), (3, 40), (300, 200, 3)])
 def test_tiny_thin_or_flat_pictures_are_still_read(tmp_path: Path, shape: tuple[int, ...]) -> None:
     pixels = np.random.default_rng(0).integers(0, 255, shape) if shape[0] < 300 else np.full(shape, 128)
@@ -111,19 +184,25 @@ def test_a_broken_heic_file_is_one_line(tmp_path: Path) -> None:
         cnn.to_network_input(tmp_path / "broken.heic")
 
 
-@pytest.mark.parametrize(("probs", "unsure"), [
-    ([0.91] + [0.01] * 9, False),
-    ([0.1] * 10, True),
-    ([0.45, 0.4] + [0.15 / 8] * 8, True),
-    ([0.55, 0.05] + [0.4 / 8] * 8, False),
-    ([0.48, 0.06] + [0.46 / 8] * 8, True),  # far ahead of the next, yet under half: unsure
-    ([0.53, 0.4] + [0.07 / 8] * 8, False),  # close to the next, but over half
+@pytest.mark.parametrize(("probs", "as_photographed", "unsure"), [
+    ([0.91] + [0.01] * 9, None, False),
+    ([0.12] + [0.88 / 9] * 9, None, True),
+    ([0.40, 0.35] + [0.25 / 8] * 8, None, True),  # under 46%
+    ([0.48, 0.06] + [0.46 / 8] * 8, None, False),  # under half, but far ahead of the rest
+    ([0.80, 0.05] + [0.15 / 8] * 8, [0.50, 0.1] + [0.4 / 8] * 8, False),  # read stretched; as photographed the same
+    ([0.80, 0.05] + [0.15 / 8] * 8, [0.30, 0.5] + [0.2 / 8] * 8, True),  # as photographed, under 46% for it
 ])
-def test_a_spread_out_reading_is_marked_unsure_with_its_score(probs: list[float], unsure: bool) -> None:
-    seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), inverted=False, box=None, item_found=True, photo=True)
+def test_a_spread_out_or_two_minded_reading_is_marked_unsure_with_its_score(
+        probs: list[float], as_photographed: list[float] | None, unsure: bool) -> None:
+    other = None if as_photographed is None else np.array(as_photographed)
+    seen = cnn.NetworkInput(np.zeros((28, 28), np.uint8), inverted=False, box=None, item_found=True, photo=True,
+                            stretched=other is not None, other_reading=other,
+                            as_photographed=None if other is None else cnn.CLASS_NAMES[other.argmax()])
     result = cnn.classification(Path("x.jpg"), np.array(probs), seen)
+    assert result["class"] == "T-shirt/top"
     assert result["unsure"] is unsure
-    assert result["unsure_score"] == pytest.approx(cnn.unsure_score(np.array(probs)), abs=1e-4)
+    both = min(probs[0], 1.0 if other is None else other[0])
+    assert result["unsure_score"] == pytest.approx(1 - both, abs=1e-4)
     assert (result["unsure_score"] > cnn.UNSURE_ABOVE) is unsure
 
 
@@ -159,6 +238,7 @@ def test_predict_says_unsure_beside_the_class_in_text_and_json(tmp_path: Path, t
         assert r["unsure"] is (r["unsure_score"] > cnn.UNSURE_ABOVE)
         line = next(t for t in as_text.stdout.splitlines() if t.startswith(str(tmp_path / name)))
         assert ("(unsure: looks unlike the data set's product photos)" in line) is r["unsure"]
+        assert (f"as photographed: {r['as_photographed']})" in line) is r["stretched"]
 
 
 def test_predict_without_opencv_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,7 +106,12 @@ def test_predict_accepts_a_folder(tmp_path: Path, trained: dict) -> None:
     (folder / "README.txt").write_text("ignored")
     ran = call_main("--predict", folder, "--model-path", trained["model"], "--json")
     assert ran.returncode == 0, ran.stderr
-    assert [r["class"] for r in json.loads(ran.stdout)] == [cnn.CLASS_NAMES[k] for k in (1, 2, 8)]
+    files = [folder / f"{label}.png" for label in (1, 2, 8)]
+    one_by_one = [json.loads(call_main("--predict", f, "--model-path", trained["model"], "--json").stdout)[0]
+                  for f in files]
+    results = json.loads(ran.stdout)
+    assert [r["file"] for r in results] == [str(f) for f in files], "the folder's images, in order, no README"
+    assert [r["class"] for r in results] == [r["class"] for r in one_by_one] and results[0]["class"] == "Trouser"
 
 
 def test_predict_without_a_model_says_how_to_train(tmp_path: Path) -> None:
@@ -380,14 +385,14 @@ def test_a_photo_becomes_its_item_on_black_fitted_to_28_and_centred(tmp_path: Pa
 
     truth = SHAPES[label]
     assert (pixels[~ndimage.binary_dilation(truth, iterations=2)] == 0).all(), "the background is exactly 0"
-    assert pixels.max() == 255 and np.median(pixels[truth]) > 150, "the item has the data set's contrast"
+    assert pixels.max() >= 245 and np.median(pixels[truth]) > 150, "the item has the data set's contrast"
 
 
 def test_a_picture_with_nothing_on_it_is_used_whole_and_says_so(tmp_path: Path) -> None:
     flat = np.random.default_rng(0).normal(200, 3, (120, 90)).clip(0, 255).astype(np.uint8)
     seen = cnn.to_network_input(save_image(tmp_path / "wall.png", Image.fromarray(flat)))
     assert not seen.item_found and seen.box is None and seen.pixels.shape == (28, 28)
-    assert seen.pixels.max() < 30, "nothing to see is not stretched into a bright texture"
+    assert np.ptp(seen.pixels[4:-4, 7:-7]) < 25, "nothing to see is an even square, not a bright texture"
 
 
 @pytest.mark.slow
@@ -434,7 +439,7 @@ def test_a_shoe_photo_pointing_the_other_way_is_read_mirrored_and_a_28x28_image_
     right_heavy[10:20, 16:27] = 200
     photo = cnn.NetworkInput(right_heavy.copy(), inverted=True, box=(0, 0, 10, 10), item_found=True, photo=True)
     array = cnn.NetworkInput(right_heavy.copy(), inverted=False, box=None, item_found=True, photo=False)
-    probs, (photo_read, array_read) = cnn.read_both_ways(LeftOrRight(), [photo, array], tta=None)
+    probs, (photo_read, array_read) = cnn.read_photos(LeftOrRight(), [photo, array], tta=None)
     assert [cnn.CLASS_NAMES[k] for k in probs.argmax(axis=1)] == ["Sneaker", "Bag"]
     assert photo_read.mirrored and np.array_equal(photo_read.pixels, right_heavy[:, ::-1]), "shows what was read"
     assert not array_read.mirrored and np.array_equal(array_read.pixels, right_heavy)

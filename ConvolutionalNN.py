@@ -1802,7 +1802,7 @@ class NetworkInput:
     preview_scale: float = 1.0              # preview pixels per picture pixel
     garment: np.ndarray | None = None       # a photo's item stretched to at least GARMENT_ASPECT, if wider than that
     mirrored: bool = False                  # read mirrored (read_photos)
-    stretched: bool = False                 # read as garment (read_photos)
+    stretched: bool = False                 # read stretched, as garment (read_photos)
     as_photographed: str | None = None      # then: the class it got as photographed
     other_reading: np.ndarray | None = None  # then: its class probabilities as photographed
 

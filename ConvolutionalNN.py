@@ -1671,13 +1671,13 @@ def read_photos(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | N
             if flipped.argmax() in FOOTWEAR and flipped.max() > probabilities[i].max():
                 probabilities[i] = flipped
                 read[i] = dataclasses.replace(inputs[i], pixels=inputs[i].pixels[:, ::-1], mirrored=True)
-    wide = [i for i in photos if inputs[i].garment is not None and probabilities[i].argmax() not in FOOTWEAR]
-    if wide:
-        stretched = class_probabilities(model, np.stack([inputs[i].garment for i in wide])[..., np.newaxis], tta)
-        for i, probs in zip(wide, stretched, strict=True):
+    unsure_wide = [i for i in photos if inputs[i].garment is not None and probabilities[i].argmax() not in FOOTWEAR
+                   and probabilities[i].max() < SURE_AS_PHOTOGRAPHED]
+    if unsure_wide:
+        stretched = class_probabilities(model, np.stack([inputs[i].garment for i in unsure_wide])[..., np.newaxis],
+                                        tta)
+        for i, probs in zip(unsure_wide, stretched, strict=True):
             as_photographed = probabilities[i].copy()
-            if as_photographed.max() >= SURE_AS_PHOTOGRAPHED:
-                continue
             read[i] = dataclasses.replace(inputs[i], pixels=inputs[i].garment, stretched=True,
                                           as_photographed=CLASS_NAMES[as_photographed.argmax()],
                                           other_reading=as_photographed)
@@ -2034,12 +2034,13 @@ def gray_levels(work: np.ndarray, background: np.ndarray, negate: bool) -> np.nd
     taken on white, negated, so a dark garment is bright. On a lighter background, each pixel's darkness relative to
     the background under it (1 - its share of the background's light, so a gradient or a vignette cancels out);
     a light item on a dark background is the right way round as it is."""
-    luma = np.array([0.299, 0.587, 0.114], np.float32)
-    gray = work[..., 0] if work.shape[2] == 1 else work @ luma
+    def luma(picture: np.ndarray) -> np.ndarray:
+        return picture[..., 0] if picture.shape[2] == 1 else picture @ np.array([0.299, 0.587, 0.114], np.float32)
+
     if not negate:
-        return gray
-    light = background[..., 0] if background.shape[2] == 1 else background @ luma
-    return np.clip(light - gray, 0, None) * (255 / np.maximum(light, 1.0))
+        return luma(work)
+    light = luma(background)
+    return np.clip(light - luma(work), 0, None) * (255 / np.maximum(light, 1.0))
 
 
 def stretch_contrast(item: np.ndarray, mask: np.ndarray) -> np.ndarray:

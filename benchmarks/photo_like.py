@@ -37,8 +37,13 @@ from PIL import Image, ImageDraw, ImageFilter
 
 SCRIPT = Path(__file__).resolve().parent.parent / "ConvolutionalNN.py"
 sys.path.insert(0, str(SCRIPT.parent))
-import ConvolutionalNN as cnn  # the script is the library
-from ConvolutionalNN import CLASS_NAMES, IDX_FILES, Config, read_idx, split_data
+from ConvolutionalNN import Config, split_data
+from fashion_cnn.common import CLASS_NAMES
+from fashion_cnn.data_files import IDX_FILES, read_idx
+from fashion_cnn.model_file import load_trained_model
+from fashion_cnn.photos import to_network_input
+from fashion_cnn.predict import FOOTWEAR
+from fashion_cnn.tta import class_probabilities
 
 KINDS = ("studio", "phone", "far", "dark", "mirror", "shop", "colour", "dim")
 CANVAS = (480, 640)  # width, height: a portrait phone or shop picture
@@ -223,7 +228,7 @@ ORIENTATIONS = ("as it is", "more confident of both", "mean of both", "mirror if
 def orientation_accuracies(probs: np.ndarray, mirrored: np.ndarray, labels: np.ndarray) -> list[float]:
     """Accuracy of each of ORIENTATIONS, from the class probabilities of the images and of their mirrors."""
     confident = np.where((probs.max(axis=1) >= mirrored.max(axis=1))[:, None], probs, mirrored)
-    shoe = np.isin(mirrored.argmax(axis=1), cnn.FOOTWEAR) & (mirrored.max(axis=1) > probs.max(axis=1))
+    shoe = np.isin(mirrored.argmax(axis=1), FOOTWEAR) & (mirrored.max(axis=1) > probs.max(axis=1))
     rules = (probs, confident, (probs + mirrored) / 2, np.where(shoe[:, None], mirrored, probs))
     return [float(np.mean(p.argmax(axis=1) == labels)) for p in rules]
 
@@ -231,14 +236,14 @@ def orientation_accuracies(probs: np.ndarray, mirrored: np.ndarray, labels: np.n
 def orientation_table(model_path: Path, folder: Path, kinds: dict[str, str], labels: np.ndarray,
                       data_dir: Path) -> None:
     """Print each orientation rule's accuracy per kind of photo and on the 10,000 test arrays."""
-    model, tta = cnn.load_trained_model(model_path)
+    model, tta = load_trained_model(model_path)
 
     def both(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = images[..., None]
-        return cnn.class_probabilities(model, batch, tta), cnn.class_probabilities(model, batch[:, :, ::-1], tta)
+        return class_probabilities(model, batch, tta), class_probabilities(model, batch[:, :, ::-1], tta)
 
     names = sorted(kinds)
-    seen = np.stack([cnn.to_network_input(folder / "photos" / n).pixels for n in names])
+    seen = np.stack([to_network_input(folder / "photos" / n).pixels for n in names])
     truth = np.array([labels[int(Path(n).stem.split("_")[-1])] for n in names])
     probs, mirrored = both(seen)
     print(f"  orientation: {' | '.join(ORIENTATIONS)}")

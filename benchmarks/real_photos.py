@@ -30,7 +30,9 @@ from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parent.parent / "ConvolutionalNN.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from ConvolutionalNN import CLASS_NAMES, IDX_FILES, IMAGE_SUFFIXES, read_idx  # the script is the library
+from fashion_cnn.common import CLASS_NAMES
+from fashion_cnn.data_files import IDX_FILES, read_idx
+from fashion_cnn.predict import IMAGE_SUFFIXES
 
 TUNE_COUNT = 30  # photos a folder tuned on; the rest are the held-out figure
 # real-clothes-dev's folders and the Fashion-MNIST classes that are right for each (its SOURCE.md)

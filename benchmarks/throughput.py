@@ -44,7 +44,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ONEDNN_SET_OUTSIDE = "TF_ENABLE_ONEDNN_OPTS" in os.environ
-import ConvolutionalNN as cnn  # the script lives one folder up; importing it turns oneDNN on
+import ConvolutionalNN as cnn  # the script lives one folder up; importing it (its backends module) turns oneDNN on
+from fashion_cnn import backends, common, data_files, hardware, streams
 
 if sys.argv[1:3] == ["--worker", "keras-float32"] and not ONEDNN_SET_OUTSIDE:
     del os.environ["TF_ENABLE_ONEDNN_OPTS"]  # TensorFlow as it comes (it has not been imported yet)
@@ -79,7 +80,7 @@ def main() -> int:
     a = p.parse_args()
     if a.worker:
         return worker(a.worker, a.data_dir, a.limit)
-    if not (a.data_dir / cnn.IDX_FILES["train_images"]).exists():
+    if not (a.data_dir / data_files.IDX_FILES["train_images"]).exists():
         sys.exit(f"error: no Fashion-MNIST in {a.data_dir}; give --data-dir (the figures need the real data)")
     workers, ready = {}, {}
     for v in a.variants:  # one after another, so that each measures its matmul peak alone
@@ -150,19 +151,19 @@ def worker(variant: str, data_dir: Path, limit: int | None) -> int:
     flags = ["--precision", precision] if precision != "auto" else []
     flags += ["--data-dir", str(data_dir), *(["--limit", str(limit)] if limit else [])]
     cfg = cnn.parse_args(flags + extra_flags)
-    cnn.use_backend(cfg.backend)  # KERAS_BACKEND, as the driver set it for this variant
-    keras = cnn.import_keras()
-    chosen, _ = cnn.set_precision(cfg.precision)
+    backends.use_backend(cfg.backend)  # KERAS_BACKEND, as the driver set it for this variant
+    keras = backends.import_keras()
+    chosen, _ = hardware.set_precision(cfg.precision)
     data = cnn.split_data(cnn.load_arrays(cfg)[0], cfg, seed=0)
-    cnn.seed_everything(0)
+    streams.seed_everything(0)
     steps = -(-len(data.y_train) // cfg.batch_size)
     model = cnn.build_model(cfg, cfg.lr, steps)
     if variant in STEPS_PER_EXECUTION:
         model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"],
                       steps_per_execution=STEPS_PER_EXECUTION[variant])
-    y_val = keras.utils.to_categorical(data.y_val, len(cnn.CLASS_NAMES))
+    y_val = keras.utils.to_categorical(data.y_val, len(common.CLASS_NAMES))
     if program:
-        batches, start_epoch = cnn.epoch_streams(cfg, data.x_train, data.y_train, 0, model)
+        batches, start_epoch = streams.epoch_streams(cfg, data.x_train, data.y_train, 0, model)
         x_val, extra = data.x_val, [keras.callbacks.SwapEMAWeights()] if cfg.ema else []
     else:
         model = textbook_model(keras, model)
@@ -213,7 +214,7 @@ def textbook_model(keras: object, model: object) -> object:
 
 def matmul_peak_gflops(precision: str, n: int = 2048, repeats: int = 5) -> float:
     """Best observed GFLOP/s of an n x n matmul in the precision trained in: this machine's practical peak."""
-    tf = cnn.import_tensorflow()
+    tf = backends.import_tensorflow()
     a = tf.cast(tf.random.normal((n, n)), "bfloat16" if precision == "bfloat16" else "float32")
     tf.matmul(a, a).numpy()
     best = 0.0
@@ -226,7 +227,7 @@ def matmul_peak_gflops(precision: str, n: int = 2048, repeats: int = 5) -> float
 
 def training_flops_per_image(cfg: cnn.Config) -> float:
     """Multiply-adds of the conv and dense layers, x2 for FLOPs, x3 for forward + backward."""
-    side1, side2 = cnn.conv_sides(cfg.kernel_size, cfg.padding)
+    side1, side2 = hardware.conv_sides(cfg.kernel_size, cfg.padding)
     k2 = cfg.kernel_size ** 2
     flat = (side2 // 2) ** 2 * cfg.filters
     macs = (side1**2 * cfg.filters * k2 + side2**2 * cfg.filters * cfg.filters * k2

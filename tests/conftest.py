@@ -26,11 +26,12 @@ import numpy as np
 import pytest
 
 import ConvolutionalNN as cnn
+from fashion_cnn import data_files
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "ConvolutionalNN.py"
 REAL_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
-FILES = cnn.IDX_FILES  # the four files, by what they hold
+FILES = data_files.IDX_FILES  # the four files, by what they hold
 # A small, fast network and run for CLI tests.
 TINY = ["--filters", "4", "--dense-units", "16", "--limit", "640", "--batch-size", "32", "--epochs", "1",
         "--lr", "0.01"]
@@ -185,7 +186,7 @@ def class_image(label: int, seed: int = 0) -> np.ndarray:
 # are spread over the workers one by one. The signals and cluster modules are about half the full suite's time on
 # 2 cores.
 SIGNALS_AND_CLUSTER = "signals and Ray cluster"
-XDIST_GROUPS = {"test_resume": SIGNALS_AND_CLUSTER, "test_ray_cluster": SIGNALS_AND_CLUSTER}
+XDIST_GROUPS = {"test_journal": SIGNALS_AND_CLUSTER, "test_ray_cluster": SIGNALS_AND_CLUSTER}
 SHARED_FIXTURES = {"trained": "the trained model", "sequential_study": "the study of 3 rates x 2 seeds",
                    "local_ray": "the study of 3 rates x 2 seeds"}
 

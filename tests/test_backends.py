@@ -11,6 +11,7 @@ import pytest
 
 import ConvolutionalNN as cnn
 from conftest import TINY, call_main, class_image, run_cli
+from fashion_cnn import backends, common
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
 
@@ -39,7 +40,7 @@ def test_the_flag_wins_over_keras_backend_which_wins_over_tensorflow(
 
 def test_an_unknown_keras_backend_is_a_one_line_usage_error(tmp_path: Path) -> None:
     proc = run_cli("--epochs", "1", env={"KERAS_BACKEND": "numpy"})
-    assert proc.returncode == cnn.EXIT_USAGE
+    assert proc.returncode == common.EXIT_USAGE
     said = ("ConvolutionalNN.py: error: KERAS_BACKEND=numpy is not a backend this script runs on; use tensorflow, "
             "jax, torch (see --help)")
     assert proc.stderr.strip().splitlines() == [said]
@@ -48,7 +49,7 @@ def test_an_unknown_keras_backend_is_a_one_line_usage_error(tmp_path: Path) -> N
 def test_a_missing_backend_package_is_one_line_before_the_data_is_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(cnn.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
     ran = call_main("--backend", "torch", "--data-dir", tmp_path / "nowhere", "--plots-dir", tmp_path / "p",
                     "--model-path", tmp_path / "m.keras")
@@ -110,3 +111,18 @@ def test_mirrored_on_jax_is_data_parallel_over_two_cpu_devices_and_matches_one_d
     # One global random state draws the same dropout masks for both replicas' halves: the same run, to rounding.
     assert runs["two"]["history"]["val_loss"] == pytest.approx(runs["one"]["history"]["val_loss"], rel=1e-5)
     assert runs["two"]["test_accuracy"] == pytest.approx(runs["one"]["test_accuracy"], abs=0.005)
+
+
+@pytest.mark.parametrize(("line", "level", "noise"), [
+    ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n", 3, True),
+    ("I0000 00:00:1795926651.110019    2377 port.cc:153] oneDNN custom operations are on. You may see\n", 3, True),
+    ("I0000 00:00:1795926651.110019    2377 port.cc:153] oneDNN custom operations are on.\n", 0, False),
+    ("W0000 00:00:1795926651.110019    2377 cpu_feature_guard.cc:227] This TensorFlow binary\n", 2, True),
+    ("W0000 00:00:1795926651.110019    2377 cpu_feature_guard.cc:227] This TensorFlow binary\n", 1, False),
+    ("E0000 00:00:1795926651.110019    2377 cuda_dnn.cc:8310] Unable to register cuDNN factory\n", 3, True),
+    ("F0000 00:00:1795926651.110019    2377 platform.cc:10] Check failed: the CPU lacks AVX\n", 3, False),
+    ("2024-01-11 05:40:05.061907: I tensorflow/core/platform/cpu_feature_guard.cc:182] This TensorFlow\n", 3, True),
+    ("ImportError: libcudart.so.12: cannot open shared object file\n", 3, False),
+])
+def test_only_tensorflow_startup_lines_below_the_log_level_are_dropped(line: str, level: int, noise: bool) -> None:
+    assert backends.is_startup_noise(line, level) is noise

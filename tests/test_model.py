@@ -3,17 +3,16 @@ dropout seeds) and the saved file any Keras reads."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 import ConvolutionalNN as cnn
+from fashion_cnn import backends
 
 
 @pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
 def test_dropout_seeds_are_drawn_as_keras_draws_them_so_tensorflow_keeps_its_masks() -> None:
-    keras = cnn.import_keras()
+    keras = backends.import_keras()
     cnn.random.seed(11)
     unseeded = [keras.layers.Dropout(0.3), keras.layers.Dropout(0.0), keras.layers.Dropout(0.2)]
     cnn.random.seed(11)
@@ -23,17 +22,6 @@ def test_dropout_seeds_are_drawn_as_keras_draws_them_so_tensorflow_keeps_its_mas
         assert list(keras.ops.convert_to_numpy(ours.seed_generator.state)) == list(
             keras.ops.convert_to_numpy(plain.seed_generator.state))
     assert seeded[1].seed is None and not hasattr(seeded[1], "seed_generator")
-
-
-def test_a_backend_specific_optimizer_is_saved_by_the_name_every_backend_loads() -> None:
-    torch_saved = {"compile_config": {"optimizer": {"module": "keras.src.backend.torch.optimizers.torch_adam",
-                                                    "class_name": "Adam", "registered_name": "Adam", "config": {}}}}
-    fixed = json.loads(cnn.portable_config(json.dumps(torch_saved).encode()))
-    assert fixed["compile_config"]["optimizer"] == {"module": "keras.optimizers", "class_name": "Adam",
-                                                    "registered_name": None, "config": {}}
-    tensorflow_saved = {"compile_config": {"optimizer": {"module": "keras.optimizers", "class_name": "Adam",
-                                                         "registered_name": None, "config": {"a": 1}}}}
-    assert json.loads(cnn.portable_config(json.dumps(tensorflow_saved).encode())) == tensorflow_saved
 
 
 @pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
@@ -55,7 +43,7 @@ def test_the_average_warms_up_then_keeps_its_momentum() -> None:
     """One update from an average of 0 towards a weight of 1 leaves 1 - momentum."""
     import keras
 
-    optimizer = cnn.on_keras(cnn.WarmedUpEMAAdam, "optimizers.Adam")(0.0, use_ema=True, ema_momentum=0.99)
+    optimizer = backends.on_keras(cnn.WarmedUpEMAAdam, "optimizers.Adam")(0.0, use_ema=True, ema_momentum=0.99)
     weight = keras.Variable(np.ones(1, np.float32))
     optimizer.build([weight])
 
@@ -69,22 +57,6 @@ def test_the_average_warms_up_then_keeps_its_momentum() -> None:
     assert momentum_at(10) == pytest.approx(11 / 20)
     assert momentum_at(500) == pytest.approx(501 / 510)
     assert momentum_at(2000) == pytest.approx(0.99), "past step 890 the plain momentum again"
-
-
-@pytest.mark.slow
-def test_the_saved_model_loads_in_plain_keras(trained: dict) -> None:
-    import keras
-
-    model = keras.models.load_model(trained["model"])
-    assert type(model.optimizer) is keras.optimizers.Adam
-
-
-@pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
-@pytest.mark.parametrize("flags", [[], ["--filters", "7", "--dense-units", "5", "--kernel-size", "5", "--padding",
-                                        "valid"]])
-def test_the_parameter_count_is_the_one_keras_builds(flags: list[str]) -> None:
-    cfg = cnn.parse_args(flags)
-    assert cnn.parameter_count(cfg) == cnn.build_model(cfg, 0.001, steps_per_epoch=1).count_params()
 
 
 @pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs

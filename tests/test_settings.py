@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 import ConvolutionalNN as cnn
@@ -70,47 +68,3 @@ def test_default_config_matches_the_documented_network() -> None:
     cfg = cnn.parse_args([])
     assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.val_split, cfg.filters, cfg.kernel_size) == \
         (0.001, 20, 64, 0.2, 128, 3)
-
-
-@pytest.mark.parametrize(("line", "level", "noise"), [
-    ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n", 3, True),
-    ("I0000 00:00:1795926651.110019    2377 port.cc:153] oneDNN custom operations are on. You may see\n", 3, True),
-    ("I0000 00:00:1795926651.110019    2377 port.cc:153] oneDNN custom operations are on.\n", 0, False),
-    ("W0000 00:00:1795926651.110019    2377 cpu_feature_guard.cc:227] This TensorFlow binary\n", 2, True),
-    ("W0000 00:00:1795926651.110019    2377 cpu_feature_guard.cc:227] This TensorFlow binary\n", 1, False),
-    ("E0000 00:00:1795926651.110019    2377 cuda_dnn.cc:8310] Unable to register cuDNN factory\n", 3, True),
-    ("F0000 00:00:1795926651.110019    2377 platform.cc:10] Check failed: the CPU lacks AVX\n", 3, False),
-    ("2024-01-11 05:40:05.061907: I tensorflow/core/platform/cpu_feature_guard.cc:182] This TensorFlow\n", 3, True),
-    ("ImportError: libcudart.so.12: cannot open shared object file\n", 3, False),
-])
-def test_only_tensorflow_startup_lines_below_the_log_level_are_dropped(line: str, level: int, noise: bool) -> None:
-    assert cnn.is_startup_noise(line, level) is noise
-
-
-@pytest.mark.parametrize(("flags", "named"), [
-    (["--filters", "60000"], "--filters 60000"),
-    (["--dense-units", "3000000", "--filters", "64"], "--filters 64 --dense-units 3000000"),
-    (["--batch-size", "1000000"], "--batch-size 1000000"),
-])
-def test_a_network_too_big_for_the_memory_is_refused_in_one_line_before_training(
-        tmp_path: Path, data_dir: Path, flags: list[str], named: str) -> None:
-    ran = call_main("--data-dir", data_dir, "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras",
-                    "--epochs", "1", *flags)
-    assert ran.returncode == 1
-    line = ran.stderr.strip()
-    assert len(line.splitlines()) == 1 and line.startswith(f"error: {named} needs about "), line
-    for part in ("weights and gradients", "optimizer state", "the average", "activations of one batch",
-                 "available"):
-        assert part in line
-    assert "Epoch" not in ran.stdout and not (tmp_path / "m.keras").exists()
-    assert not (tmp_path / "p" / "metrics.json").exists()
-
-
-def test_the_memory_check_passes_the_default_network_and_names_what_it_counts() -> None:
-    default = cnn.parse_args([])
-    need = cnn.training_memory(default)
-    assert sum(need.values()) < 1e9, "the default network trains in well under a gigabyte"
-    assert need["weights and gradients"] == 8 * cnn.parameter_count(default)
-    cnn.check_memory(default, available=2 * 10**9)
-    with pytest.raises(cnn.UserError, match=r"^this network needs about .* has 0.1 GB available"):
-        cnn.check_memory(default, available=10**8)

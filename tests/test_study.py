@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ConvolutionalNN as cnn
 from conftest import DEAD_AND_SLOW, TINY, call_main
+from fashion_cnn import common, study
 
 
 @pytest.mark.slow
@@ -71,20 +71,20 @@ def test_a_single_diverging_run_says_to_lower_the_rate(tmp_path: Path, data_dir:
 
 def test_a_rate_stuck_at_chance_is_called_stalled_not_healthy(tmp_path: Path) -> None:
     """Like lr 0.1 on the real data: no NaN, yet validation accuracy stays at 10% for every epoch."""
-    def run(lr: float, val_acc: list[float], val_loss: list[float]) -> cnn.TrainResult:
+    def run(lr: float, val_acc: list[float], val_loss: list[float]) -> common.TrainResult:
         history = {"loss": val_loss, "val_loss": val_loss, "accuracy": val_acc, "val_accuracy": val_acc}
-        return cnn.TrainResult(None, lr, 0, history, best_epoch=int(np.argmin(val_loss)) + 1, best_value=None,
+        return common.TrainResult(None, lr, 0, history, best_epoch=int(np.argmin(val_loss)) + 1, best_value=None,
                                seconds=1.0)
 
     by_rate = {0.1: [run(0.1, [0.1, 0.1, 0.1], [2.3055, 2.3030, 2.3026])],
                0.001: [run(0.001, [0.80, 0.86, 0.89], [0.55, 0.38, 0.30])]}
-    rows = [cnn.rate_row(lr, results) for lr, results in by_rate.items()]
+    rows = [study.rate_row(lr, results) for lr, results in by_rate.items()]
     assert [r["stalled_at_chance"] for r in rows] == [True, False]
     assert [r["diverged"] for r in rows] == [False, False]
-    table = cnn.format_study_table(rows, cnn.recommend(rows)).splitlines()
+    table = study.format_study_table(rows, study.recommend(rows)).splitlines()
     assert table[1].split()[0] == "0.1" and table[1].endswith("stalled at chance level")
     assert table[2].split()[0] == "0.001" and table[2].endswith("recommended")
-    cnn.plot_study(by_rate, rows, tmp_path / "lr_study.png")
+    study.plot_study(by_rate, rows, tmp_path / "lr_study.png")
     assert (tmp_path / "lr_study.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -97,7 +97,7 @@ def test_a_study_stops_a_rate_stalled_at_chance_and_lets_a_slow_starter_learn(tm
     dead, slow = study["rates"]
     assert dead["stopped"] == "stopped after epoch 2: stalled at chance level"
     assert dead["epochs_completed"] == 2 and len(dead["runs"][0]["history"]["val_accuracy"]) == 2
-    assert dead["runs"][0]["stopped_after_epoch"] == 2 and dead["runs"][0]["stopped_because"] == cnn.STALLED
+    assert dead["runs"][0]["stopped_after_epoch"] == 2 and dead["runs"][0]["stopped_because"] == common.STALLED
     assert slow["stopped"] is None and slow["epochs_completed"] == 4
     assert slow["runs"][0]["stopped_after_epoch"] is None and slow["runs"][0]["stopped_because"] is None
     assert study["recommended_lr"] == 0.0001
@@ -115,42 +115,21 @@ def test_a_single_run_at_chance_trains_every_epoch(tmp_path: Path, data_dir: Pat
     assert json.loads((tmp_path / "p" / "metrics.json").read_text())["epochs_completed"] == 4
 
 
-@pytest.mark.parametrize(("val_accuracy", "val_loss", "stops"), [
-    ([0.10, 0.11], [2.33, 2.3026], True),                  # dead from the start
-    ([0.85, 0.10, 0.10], [0.5, 2.31, 2.31], True),         # learned, then died
-    ([0.12, 0.12, 0.12], [2.2968, 2.3007, 2.2951], True),  # hovering at chance (a split not quite balanced)
-    ([0.10], [2.31], False),                               # too early to tell
-    ([0.10, 0.12], [2.294, 2.282], False),                 # slow starter: its loss has left chance
-    ([0.10, 0.20], [2.31, 2.31], False),                   # slow starter: its accuracy has left chance
-    ([0.10, 0.10, 0.20, 0.30], [2.31, 2.31, 2.2, 2.1], False),  # ... though a study would have stopped it at 2
-])
-def test_stalled_means_accuracy_and_loss_at_chance_for_two_epochs(val_accuracy: list[float], val_loss: list[float],
-                                                                   stops: bool) -> None:
-    assert cnn.stalled({"val_accuracy": val_accuracy, "val_loss": val_loss}) is stops
-    history = {"loss": val_loss, "val_accuracy": val_accuracy, "val_loss": val_loss}
-    assert cnn.how_it_ended(history, epochs=20) == (cnn.STALLED if stops else cnn.COMPLETED)
-    assert cnn.how_it_ended(history, epochs=len(val_loss)) == cnn.COMPLETED, "a run that did every epoch goes on"
-
-
-def test_the_study_figure_fits_the_rates_that_learn(tmp_path: Path) -> None:
+def test_the_study_figure_fits_the_rates_that_learn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """lr 0.1's first-epoch loss of 34 must not set the loss axis, nor its 10% the accuracy axis."""
     def run(lr: float, val_acc: list[float], val_loss: list[float], loss: list[float],
-            ended: str = cnn.COMPLETED) -> cnn.TrainResult:
+            ended: str = common.COMPLETED) -> common.TrainResult:
         history = {"loss": loss, "val_loss": val_loss, "accuracy": val_acc, "val_accuracy": val_acc}
-        return cnn.TrainResult(None, lr, 0, history, best_epoch=1, best_value=None, seconds=1.0, ended=ended)
+        return common.TrainResult(None, lr, 0, history, best_epoch=1, best_value=None, seconds=1.0, ended=ended)
 
-    by_rate = {0.1: [run(0.1, [0.1, 0.1, 0.1], [2.3028, 2.3028, 2.3027], [34.2, 2.31, 2.31], cnn.STALLED)],
+    by_rate = {0.1: [run(0.1, [0.1, 0.1, 0.1], [2.3028, 2.3028, 2.3027], [34.2, 2.31, 2.31], common.STALLED)],
                0.01: [run(0.01, [0.88, 0.90, 0.91, 0.92], [0.76, 0.70, 0.68, 0.66], [0.9, 0.72, 0.69, 0.66])],
                0.001: [run(0.001, [0.86, 0.90, 0.92, 0.93], [0.82, 0.71, 0.66, 0.63], [1.1, 0.8, 0.7, 0.62])]}
     import matplotlib.pyplot as plt
 
     saved = {}
-    real_save = cnn.save_figure
-    cnn.save_figure = lambda fig, path: saved.setdefault("fig", fig)
-    try:
-        cnn.plot_study(by_rate, [cnn.rate_row(lr, runs) for lr, runs in by_rate.items()], tmp_path / "lr_study.png")
-    finally:
-        cnn.save_figure = real_save
+    monkeypatch.setattr(study, "save_figure", lambda fig, path: saved.setdefault("fig", fig))
+    study.plot_study(by_rate, [study.rate_row(lr, runs) for lr, runs in by_rate.items()], tmp_path / "lr_study.png")
     loss_ax, acc_ax = saved["fig"].axes
     assert loss_ax.get_ylim()[1] < 1.2 and loss_ax.get_ylim()[0] > 0.5
     assert acc_ax.get_ylim()[0] > 0.8 and acc_ax.get_ylim()[1] < 0.95

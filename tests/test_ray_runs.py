@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import ConvolutionalNN as cnn
-from conftest import REPO, SIGNALS_AND_CLUSTER, STUDY, TINY, TRAINED, call_main, run_cli
+from conftest import STUDY, TINY, run_cli
+from fashion_cnn import common, ray_runs
 
 
 def test_unreachable_ray_cluster_fails_at_once(tmp_path: Path) -> None:
@@ -69,65 +67,20 @@ def test_ray_retries_a_failing_run_then_reports_it_and_writes_the_rest(tmp_path:
     attempts = tmp_path / "attempts"
     attempts.mkdir()
 
-    def flaky(cfg: cnn.Config, lr: float, seed: int) -> dict:
+    def flaky(cfg: cnn.Config, lr: float, seed: int, train_one: ray_runs.TrainOne) -> dict:
         if lr == 0.003:
             (attempts / str(len(list(attempts.iterdir())))).touch()
             raise RuntimeError("node lost its disk")
-        return cnn.ray_task(cfg, lr, seed)
+        return ray_runs.ray_task(cfg, lr, seed, train_one)
 
     cfg = cnn.parse_args(["--data-dir", str(data_dir), "--plots-dir", str(tmp_path / "plots"),
                           "--model-path", str(tmp_path / "m.keras"), *TINY, "--lr", "0.01", "0.003", "--ray"])
     arrays, _ = cnn.load_arrays(cfg)
-    results = cnn.train_on_ray(cfg, task=flaky)
-    assert len(list(attempts.iterdir())) == 1 + cnn.RAY_RETRIES
-    assert results[0].ended == cnn.COMPLETED and results[0].model is not None
-    assert results[1].ended == cnn.FAILED and "node lost its disk" in results[1].failure
-    assert cnn.report(cfg, lambda seed: cnn.split_data(arrays, cfg, seed), results) == cnn.EXIT_FAILURE
+    results = ray_runs.train_on_ray(cfg, cnn.train_on_node, cnn.build_model, task=flaky)
+    assert len(list(attempts.iterdir())) == 1 + ray_runs.RAY_RETRIES
+    assert results[0].ended == common.COMPLETED and results[0].model is not None
+    assert results[1].ended == common.FAILED and "node lost its disk" in results[1].failure
+    assert cnn.report(cfg, lambda seed: cnn.split_data(arrays, cfg, seed), results) == common.EXIT_FAILURE
     study = json.loads((tmp_path / "plots" / "lr_study.json").read_text())
     assert [r["failed_runs"] for r in study["rates"]] == [0, 1]
     assert study["recommended_lr"] == 0.01 and (tmp_path / "m.keras").exists()
-
-
-TWO_CPUS = """
-import sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import ConvolutionalNN
-sys.exit(ConvolutionalNN.main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group(SIGNALS_AND_CLUSTER)  # no module fixtures: it evens out the two groups' times
-def test_mirrored_on_two_logical_cpus_matches_a_single_device_run(tmp_path: Path, data_dir: Path) -> None:
-    # 160 steps: on fewer (TINY's 40) the two runs are still in the early phase where the replicas' own dropout
-    # masks move the loss by 15-30%, too much to compare.
-    common = ["--data-dir", str(data_dir), *TRAINED]
-    single_plots, mirrored_plots = tmp_path / "single", tmp_path / "mirrored"
-    assert call_main(*common, "--plots-dir", single_plots, "--model-path", tmp_path / "s.keras").returncode == 0
-    mirrored = subprocess.run([sys.executable, "-c", TWO_CPUS, *common, "--distribute", "mirrored",
-                               "--plots-dir", str(mirrored_plots), "--model-path", str(tmp_path / "m.keras")],
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                              timeout=300, check=False)
-    assert mirrored.returncode == 0, mirrored.stderr
-    assert "MirroredStrategy: 2 replica(s)" in mirrored.stdout
-    assert sorted(p.name for p in mirrored_plots.iterdir()) == sorted(p.name for p in single_plots.iterdir())
-    result, single = (json.loads((d / "metrics.json").read_text()) for d in (mirrored_plots, single_plots))
-    # Each replica draws its own dropout masks, so the two runs agree closely rather than exactly.
-    assert result["history"]["val_loss"] == pytest.approx(single["history"]["val_loss"], rel=0.15)
-    assert result["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.1)
-
-
-@pytest.mark.parametrize(("gpus", "flags", "expected"), [
-    ([], {"fpu", "avx2"}, "float32"),
-    ([], {"avx512f", "avx512_bf16"}, "bfloat16"),
-    ([], {"amx_bf16", "amx_tile"}, "bfloat16"),
-    ([(9, 0)], set(), "bfloat16"),
-    ([(7, 5), (8, 0)], set(), "float16"),
-    ([(6, 1)], {"amx_bf16"}, "float32"),
-])
-def test_auto_precision_picks_what_the_hardware_runs_fast(gpus: list, flags: set, expected: str) -> None:
-    precision, why = cnn.choose_precision("auto", gpus, flags)
-    assert precision == expected and why.startswith("auto:")
-    assert cnn.choose_precision("float16", gpus, flags) == ("float16", "asked for with --precision")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 from pathlib import Path
@@ -12,7 +13,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import ConvolutionalNN as cnn
 from conftest import TINY, call_main
-from test_resume import run_flags, stop_in_epoch
+from fashion_cnn import backends, common, tensorboard_logs
+from test_journal import run_flags, stop_in_epoch
 
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -33,7 +35,7 @@ def only_call(logs: Path) -> Path:
 def test_runs_are_named_by_what_tells_them_apart() -> None:
     def names(*flags: str) -> list[str]:
         cfg = cnn.parse_args(list(flags))
-        return [cnn.run_log_name(cfg, lr, seed) for lr, seed in cfg.runs]
+        return [tensorboard_logs.run_log_name(cfg, lr, seed) for lr, seed in cfg.runs]
 
     assert names() == ["lr=0.001"]
     assert names("--lr", "0.01", "0.001") == ["lr=0.01", "lr=0.001"]
@@ -44,20 +46,20 @@ def test_runs_are_named_by_what_tells_them_apart() -> None:
 
 def test_two_calls_in_the_same_second_get_folders_of_their_own(tmp_path: Path) -> None:
     cfg = cnn.parse_args(["--tensorboard", str(tmp_path / "logs"), "--model-path", str(tmp_path / "m.keras")])
-    first = cnn.with_tensorboard_group(cfg).tensorboard
+    first = tensorboard_logs.with_tensorboard_group(cfg).tensorboard
     first.mkdir(parents=True)
-    second = cnn.with_tensorboard_group(cfg).tensorboard
+    second = tensorboard_logs.with_tensorboard_group(cfg).tensorboard
     assert first.parent == second.parent == (tmp_path / "logs").resolve() and first != second
 
 
 @pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
 def test_an_epoch_the_log_already_holds_is_not_written_again(tmp_path: Path) -> None:
-    keras = cnn.import_keras()
+    keras = backends.import_keras()
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
 
     def log_epochs(epochs: range) -> None:
-        log = cnn.on_keras(cnn.EpochLog, "callbacks.TensorBoard")(tmp_path)
+        log = backends.on_keras(tensorboard_logs.EpochLog, "callbacks.TensorBoard")(tmp_path)
         log.set_model(model)
         log.on_train_begin()
         for epoch in epochs:
@@ -75,8 +77,8 @@ def test_an_epoch_the_log_already_holds_is_not_written_again(tmp_path: Path) -> 
 
 def test_tensorboard_without_its_package_is_one_line_before_the_data_is_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_find_spec = cnn.importlib.util.find_spec
-    monkeypatch.setattr(cnn.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
     ran = call_main("--data-dir", tmp_path / "nowhere", "--tensorboard", tmp_path / "logs",
                     "--model-path", tmp_path / "m.keras", "--plots-dir", tmp_path / "p")
@@ -87,7 +89,7 @@ def test_tensorboard_without_its_package_is_one_line_before_the_data_is_read(
 def test_tensorboard_with_predict_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         cnn.main(["--predict", "shirt.jpg", "--tensorboard", "logs"])
-    assert stop.value.code == cnn.EXIT_USAGE
+    assert stop.value.code == common.EXIT_USAGE
     assert "--tensorboard applies to training, not to --predict" in capsys.readouterr().err
 
 
@@ -117,7 +119,7 @@ def test_a_resumed_run_continues_its_log_with_each_epoch_once(tmp_path: Path, da
     logs = tmp_path / "logs"
     flags = run_flags(tmp_path, data_dir, "--tensorboard", "logs")  # relative, as users type it; cwd is tmp_path
     stopped = stop_in_epoch(flags, 3, signal.SIGINT)
-    assert stopped.returncode == cnn.EXIT_SIGINT, stopped.stderr
+    assert stopped.returncode == common.EXIT_SIGINT, stopped.stderr
     run = only_call(logs) / "lr=0.01"
     assert [step for step, _ in scalars(run / "train")["epoch_loss"]] == [0, 1]
     resumed = call_main(*flags, "--resume")

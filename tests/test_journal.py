@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ConvolutionalNN as cnn
 from conftest import DEAD_AND_SLOW, SCRIPT, TINY, call_main, run_cli
+from fashion_cnn import common, tta
 
 LEVERS = ["--ema", "0.9", "--label-smoothing", "0.1", "--shift", "2", "--flip", "--tta", "--erase", "0.5",
           "--warmup-epochs", "1"]  # all kept exact on resume
@@ -221,9 +221,9 @@ def test_predict_averages_over_the_copies_the_model_was_trained_with(tmp_path: P
     assert ran.returncode == 0, ran.stderr
     top = json.loads(ran.stdout)[0]["top3"][0]
     model = keras.models.load_model(straight["model"])
-    views = cnn.test_time_views(image[None, :, :, None], shift=True, flip=True)
+    views = tta.test_time_views(image[None, :, :, None], shift=True, flip=True)
     averaged = np.mean([model.predict(v, verbose=0)[0] for v in views], axis=0)
-    assert top["class"] == cnn.CLASS_NAMES[averaged.argmax()]
+    assert top["class"] == common.CLASS_NAMES[averaged.argmax()]
     assert top["probability"] == pytest.approx(averaged.max(), abs=1e-5)
     assert top["probability"] != pytest.approx(model.predict(image[None, :, :, None], verbose=0)[0].max(), abs=1e-4)
 

@@ -1,0 +1,186 @@
+"""Precision, memory and devices: what this machine runs fast (--precision auto), whether the network fits in its
+memory before training starts, and one run on every local GPU (--distribute mirrored).
+
+Needs Keras (fashion_cnn.backends); reads /proc and cgroups on Linux, and says nothing where they are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from fashion_cnn.backends import import_keras, import_tensorflow
+from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE, Settings, UserError, first_line
+
+KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # oneDNN runs bfloat16 convolutions fast only with these
+
+
+def conv_sides(kernel_size: int, padding: str) -> tuple[int, int]:
+    """Output side of each of the two Conv2D layers (each is followed by 2x2 pooling)."""
+    sides, side = [], IMAGE_SIDE
+    for _ in range(2):
+        side = side if padding == "same" else side - kernel_size + 1
+        sides.append(side)
+        side //= 2
+    return sides[0], sides[1]
+
+
+def parameter_count(cfg: Settings) -> int:
+    """The network's number of weights, as build_model makes it."""
+    k, f, d = cfg.kernel_size, cfg.filters, cfg.dense_units
+    flat = (conv_sides(k, cfg.padding)[1] // 2) ** 2 * f
+    return (k * k * f + f) + (k * k * f * f + f) + (flat * d + d) + (d * len(CLASS_NAMES) + len(CLASS_NAMES))
+
+
+def training_memory(cfg: Settings) -> dict[str, int]:
+    """Bytes that training the network needs, roughly, by what holds them (float32 throughout)."""
+    weights = 4 * parameter_count(cfg)
+    side1, side2 = conv_sides(cfg.kernel_size, cfg.padding)
+    per_image = cfg.filters * (side1**2 + (side1 // 2) ** 2 + side2**2 + (side2 // 2) ** 2) + cfg.dense_units
+    return {
+        "weights and gradients": weights * 2,
+        "optimizer state": weights * 2,  # Adam's two moments
+        "the average": weights if cfg.ema else 0,
+        "copies kept": weights * 2,  # the best epoch's weights and the last validated ones (RunKeeper)
+        "activations of one batch": 4 * per_image * cfg.batch_size * 3,  # outputs, their gradients, dropout masks
+    }
+
+
+def check_memory(cfg: Settings, available: int | None) -> None:
+    """Refuse, before any training, a network that needs more memory than the machine has."""
+    need = training_memory(cfg)
+    if available is None or sum(need.values()) <= available:
+        return
+    sizes = {"filters": "--filters", "dense_units": "--dense-units", "batch_size": "--batch-size",
+             "kernel_size": "--kernel-size"}
+    defaults = {field.name: field.default for field in dataclasses.fields(cfg)}
+    flags = [f"{flag} {getattr(cfg, key)}" for key, flag in sizes.items() if getattr(cfg, key) != defaults[key]]
+    parts = ", ".join(f"{what} {gigabytes(size)}" for what, size in need.items() if size)
+    raise UserError(f"{' '.join(flags) or 'this network'} needs about {gigabytes(sum(need.values()))} of memory to "
+                    f"train ({parts}); this machine has {gigabytes(available)} available. Use smaller sizes")
+
+
+def gigabytes(size: float) -> str:
+    """A byte count for people: '1.2 GB', '0.004 GB'."""
+    return f"{size / 1e9:,.{1 if size >= 1e8 else 3}f} GB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: the system's available memory, within a container's limit;
+    None where the OS does not say."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text(encoding="ascii")
+        free = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit, used = (cgroup / "memory.max").read_text().strip(), (cgroup / "memory.current").read_text()
+        if limit != "max":
+            free = min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error() -> Iterator[None]:
+    """An out-of-memory error from TensorFlow or NumPy as one line (nothing is written by a run that fails)."""
+    tf = import_tensorflow()
+    try:
+        yield
+    except (MemoryError, tf.errors.ResourceExhaustedError) as e:
+        raise UserError(f"out of memory ({first_line(e)[:200]}); nothing was written. Use a smaller --filters, "
+                        "--dense-units or --batch-size") from None
+
+
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kilobytes / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """CUDA compute capability of each visible GPU ((0, 0) where TensorFlow does not say)."""
+    tf = import_tensorflow()
+
+    caps = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        caps.append(tuple(cc) if cc else (0, 0))
+    return caps
+
+
+def choose_precision(requested: str, gpus: list[tuple[int, int]], flags: set[str]) -> tuple[str, str]:
+    """The precision to train in, and why; `auto` picks what this hardware runs fastest.
+
+    Mixed precision keeps float32 weights and a float32 output layer either way.
+    """
+    if requested != "auto":
+        return requested, "asked for with --precision"
+    if gpus:
+        if min(gpus) >= (8, 0):
+            return "bfloat16", "auto: every GPU has bfloat16 tensor cores"
+        if min(gpus) >= (7, 0):
+            return "float16", "auto: every GPU has float16 tensor cores"
+        return "float32", "auto: these GPUs have no fast half precision"
+    found = sorted(flags.intersection(CPU_BF16_FLAGS))
+    if found:
+        return "bfloat16", f"auto: this CPU has {' and '.join(found)}"
+    return "float32", "auto: this CPU has no AMX or AVX512-BF16, on which bfloat16 would be slower"
+
+
+def set_precision(requested: str) -> tuple[str, str]:
+    """Resolve --precision on this machine and make it Keras's global dtype policy."""
+    keras = import_keras()
+
+    precision, why = choose_precision(requested, gpu_capabilities(), cpu_flags())
+    keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
+    return precision, why
+
+
+def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
+    """Where to build the model: with --distribute mirrored a MirroredStrategy's scope on TensorFlow (on JAX,
+    Keras's DataParallel is set for the process instead), else nowhere special."""
+    if distribute != "mirrored":
+        return contextlib.nullcontext()
+    keras, tf = import_keras(), import_tensorflow()
+    if keras.backend.backend() == "jax":
+        devices = keras.distribution.list_devices()  # the GPUs (or TPUs), else the CPU devices
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        print(f"DataParallel: {len(devices)} replica(s) on {', '.join(devices)}; --batch-size is split across them",
+              flush=True)
+        return contextlib.nullcontext()
+
+    # Every GPU; without one, every logical CPU device (one, unless the caller split the CPU for testing).
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    devices = ", ".join(strategy.extended.worker_devices)
+    print(f"MirroredStrategy: {strategy.num_replicas_in_sync} replica(s) on {devices}; "
+          "--batch-size is split across them", flush=True)
+    return strategy.scope()

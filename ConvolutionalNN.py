@@ -96,7 +96,7 @@ from fashion_cnn.outputs import check_writable, output_set, write_json
 from fashion_cnn.streams import ERASE_AREA, epoch_streams, seed_everything
 from fashion_cnn.tta import class_probabilities, test_time_augmentation
 
-TRAIN_COUNT, TEST_COUNT = 60_000, 10_000
+TRAIN_COUNT, TEST_COUNT = 60_000, 10_000  # Fashion-MNIST's training and test images
 
 
 # =============================================================================

@@ -90,7 +90,7 @@ def use_backend(backend: str) -> None:
 def import_keras() -> Any:
     """Keras (on the backend use_backend chose), imported once with TensorFlow's start-up log lines kept off stderr.
 
-    Every use of TensorFlow or Keras in this script goes through here (or import_tensorflow), so that no
+    Every use of TensorFlow or Keras in the program goes through here (or import_tensorflow), so that no
     path (training, the study, --predict, Ray tasks) prints them.
     """
     if "keras" not in sys.modules:
@@ -111,9 +111,9 @@ def import_tensorflow() -> Any:
 
 
 def on_keras(mixin: type, base: str) -> type:
-    """mixin joined to a Keras class such as "callbacks.Callback": this script imports Keras only when it trains
+    """mixin joined to a Keras class such as "callbacks.Callback": the program imports Keras only when it trains
     or predicts, so its Keras subclasses are written as mixins and joined to their base here. Made anew on each
-    call (not cached): Ray ships this script's functions to its workers by value, a cache wrapper by name."""
+    call (not cached): Ray ships the program's functions to its workers by value, a cache wrapper by name."""
     return type(mixin.__name__, (mixin, functools.reduce(getattr, base.split("."), import_keras())), {})
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from fashion_cnn.common import UserError, first_line
 
 # The one piece of state the writers share: the (temporary, final) files of the output_set() that is open, if one
-# is, so that every writer need not pass the set along. A plain list, not a ContextVar: Ray ships this script's
+# is, so that every writer need not pass the set along. A plain list, not a ContextVar: Ray ships the program's
 # functions by value, with the globals they use, and a ContextVar cannot be pickled.
 OPEN_OUTPUT_SET: list[list[tuple[Path, Path]]] = []  # at most one open set
 

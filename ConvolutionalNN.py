@@ -57,6 +57,7 @@ from fashion_cnn.common import (
     BEST_MONITOR,
     CLASS_NAMES,
     DIVERGED,
+    ERASE_AREA,
     EXIT_DIVERGED,
     EXIT_FAILURE,
     EXIT_SIGINT,
@@ -93,7 +94,7 @@ from fashion_cnn.journal import (
 )
 from fashion_cnn.model_file import save_model
 from fashion_cnn.outputs import check_writable, output_set, write_json
-from fashion_cnn.streams import ERASE_AREA, epoch_streams, seed_everything
+from fashion_cnn.streams import epoch_streams, seed_everything
 from fashion_cnn.tta import class_probabilities, test_time_augmentation
 
 TRAIN_COUNT, TEST_COUNT = 60_000, 10_000  # Fashion-MNIST's training and test images
@@ -367,6 +368,9 @@ def train_and_report(cfg: Config) -> int:
     if cfg.resume and not resume_root(cfg).is_dir():  # before any folder is made or any data read
         raise nothing_to_resume(resume_root(cfg))
     check_writable(cfg.plots_dir, cfg.model_path.parent, *([cfg.tensorboard] if cfg.tensorboard else []))
+    if cfg.tensorboard and cfg.backend != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+        raise UserError("--tensorboard needs TensorFlow (Keras's TensorBoard callback writes through tf.summary), "
+                        "which is not installed: use --backend tensorflow (pip install -r requirements.txt)")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if cfg.ray:

@@ -11,6 +11,7 @@ validation images), for --repeats rounds, so that machine noise hits them alike.
 
   keras-float32   the textbook path: float32 arrays scaled in NumPy, fit(shuffle=True), TensorFlow's own
                   oneDNN choice for this CPU (the ratio column is against this one)
+  keras-jax       the same textbook path on Keras's JAX backend (the yardstick where TensorFlow is not installed)
   program-eigen   the program's training path with TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's Eigen kernels)
   program         the program's training path as `python3 ConvolutionalNN.py` runs it: uint8 input scaled in
                   the model, epoch streams with 1-pixel shifts, EMA, label smoothing, oneDNN on, --precision auto
@@ -18,7 +19,10 @@ validation images), for --repeats rounds, so that machine noise hits them alike.
   program-bf16    the program's path in mixed bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
   program-float32 the program's path in float32 (what --precision auto gains where it picks bfloat16)
   program-spe8    the program's path compiled with steps_per_execution=8 (Keras runs 8 steps per call)
-  program-jax     the program's path on Keras's JAX backend (--backend jax; tf.data still feeds the batches)
+  program-numpy   the program's path on TensorFlow fed by the NumPy batches that JAX and PyTorch train on (a
+                  keras.utils.PyDataset) instead of tf.data: which feed is faster on TensorFlow
+  program-jax     the program's path on Keras's JAX backend (--backend jax; NumPy batches, no TensorFlow: the
+                  only variant that runs where TensorFlow is not installed, such as a GPU machine with JAX)
   program-torch   the same on the PyTorch backend (--backend torch; run this script with a Python that has torch)
 
 Prints, per variant, the median seconds per epoch (training and validation), the images/s that makes (48,000
@@ -38,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +58,14 @@ if sys.argv[1:3] == ["--worker", "keras-float32"] and not ONEDNN_SET_OUTSIDE:
 NO_LEVERS = ["--ema", "0", "--label-smoothing", "0", "--shift", "0", "--conv-dropout", "0.25"]  # the old recipe
 VARIANTS = {  # name: (environment it needs, precision, program's path?, extra flags)
     "keras-float32": ({"TF_ENABLE_ONEDNN_OPTS": None}, "float32", False, NO_LEVERS),  # None: TensorFlow decides
+    "keras-jax": ({"KERAS_BACKEND": "jax"}, "float32", False, NO_LEVERS),
     "program-eigen": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "auto", True, []),
     "program": ({}, "auto", True, []),
     "program-no-levers": ({}, "auto", True, NO_LEVERS),
     "program-bf16": ({}, "bfloat16", True, []),
     "program-float32": ({}, "float32", True, []),
     "program-spe8": ({}, "auto", True, []),
+    "program-numpy": ({}, "auto", True, []),
     "program-jax": ({"KERAS_BACKEND": "jax"}, "auto", True, []),
     "program-torch": ({"KERAS_BACKEND": "torch"}, "auto", True, []),
 }
@@ -147,6 +154,18 @@ def print_table(ready: dict[str, dict], epochs: dict[str, list[dict]]) -> None:
 
 def worker(variant: str, data_dir: Path, limit: int | None) -> int:
     """Build the variant, warm it up, then train one whole epoch per 'epoch' line on stdin."""
+    cfg, chosen, one_epoch = prepare(variant, data_dir, limit)
+    one_epoch(0, steps=30)  # traces the functions
+    reply({"precision": chosen, "onednn": onednn_state(cfg.backend),
+           "peak_gflops": matmul_peak_gflops(chosen), "flops_per_image": training_flops_per_image(cfg)})
+    for epoch, _ in enumerate(sys.stdin, start=1):
+        reply(one_epoch(epoch))
+    return 0
+
+
+def prepare(variant: str, data_dir: Path, limit: int | None) -> tuple[cnn.Config, str, Callable[..., dict]]:
+    """The variant's settings, the precision it trains in, and its one_epoch(epoch, steps=None): one epoch of fit
+    (only its first `steps` batches, if given), with validation, and its seconds."""
     _, precision, program, extra_flags = VARIANTS[variant]
     flags = ["--precision", precision] if precision != "auto" else []
     flags += ["--data-dir", str(data_dir), *(["--limit", str(limit)] if limit else [])]
@@ -156,32 +175,26 @@ def worker(variant: str, data_dir: Path, limit: int | None) -> int:
     chosen, _ = hardware.set_precision(cfg.precision)
     data = cnn.split_data(cnn.load_arrays(cfg)[0], cfg, seed=0)
     streams.seed_everything(0)
-    steps = -(-len(data.y_train) // cfg.batch_size)
-    model = cnn.build_model(cfg, cfg.lr, steps)
+    model = cnn.build_model(cfg, cfg.lr, -(-len(data.y_train) // cfg.batch_size))
     if variant in STEPS_PER_EXECUTION:
         model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"],
                       steps_per_execution=STEPS_PER_EXECUTION[variant])
     y_val = keras.utils.to_categorical(data.y_val, len(common.CLASS_NAMES))
     if program:
-        batches, start_epoch = streams.epoch_streams(cfg, data.x_train, data.y_train, 0, model)
         x_val, extra = data.x_val, [keras.callbacks.SwapEMAWeights()] if cfg.ema else []
+        batches, start_epoch = program_batches(variant, cfg, data, model)
+        fit = {"x": batches, "shuffle": False}
     else:
-        model = textbook_model(keras, model)
-        x_train = data.x_train.astype(np.float32) / 255
-        y_train, y_val = data.y_train, data.y_val  # integer labels, sparse_categorical_crossentropy
-        x_val, extra = data.x_val.astype(np.float32) / 255, []
+        model, start_epoch = textbook_model(keras, model), (lambda epoch: None)
+        x_val, y_val, extra = data.x_val.astype(np.float32) / 255, data.y_val, []  # labels: sparse_categorical...
+        fit = {"x": data.x_train.astype(np.float32) / 255, "y": data.y_train, "batch_size": cfg.batch_size,
+               "shuffle": True}
 
     def one_epoch(epoch: int, steps: int | None = None) -> dict:
-        """One epoch of fit (only its first `steps` batches, if given), with validation; its seconds."""
         start = time.perf_counter()
-        if program:
-            start_epoch(epoch)
-            model.fit(batches.take(steps) if steps else batches, initial_epoch=epoch, epochs=epoch + 1,
-                      validation_data=(x_val, y_val), verbose=0, shuffle=False, callbacks=extra)
-        else:
-            n = steps * cfg.batch_size if steps else len(x_train)
-            model.fit(x_train[:n], y_train[:n], batch_size=cfg.batch_size, initial_epoch=epoch, epochs=epoch + 1,
-                      validation_data=(x_val, y_val), verbose=0, shuffle=True)
+        start_epoch(epoch)
+        model.fit(**fit, steps_per_epoch=steps, initial_epoch=epoch, epochs=epoch + 1, validation_data=(x_val, y_val),
+                  verbose=0, callbacks=extra)
         seconds = time.perf_counter() - start
         # At the end of fit Keras copies the weight average into the weights (use_ema); on JAX the two then share
         # one buffer, which the next fit donates twice ("Attempt to donate the same buffer twice"): part them.
@@ -189,15 +202,16 @@ def worker(variant: str, data_dir: Path, limit: int | None) -> int:
             variable.assign(keras.ops.copy(variable))
         return {"train_images": len(data.y_train), "val_images": len(data.y_val), "epoch_s": seconds}
 
-    one_epoch(0, steps=30)  # traces the functions
-    from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own answer, after its CPU check
+    return cfg, chosen, one_epoch
 
-    onednn = ("on" if _pywrap_util_port.IsMklEnabled() else "off") if cfg.backend == "tensorflow" else "n/a"
-    reply({"precision": chosen, "onednn": onednn,
-           "peak_gflops": matmul_peak_gflops(chosen), "flops_per_image": training_flops_per_image(cfg)})
-    for epoch, _ in enumerate(sys.stdin, start=1):
-        reply(one_epoch(epoch))
-    return 0
+
+def program_batches(variant: str, cfg: cnn.Config, data: cnn.Dataset, model: object) -> tuple[object, Callable]:
+    """The program's training batches and the function that starts an epoch; for program-numpy, the NumPy batches
+    (JAX's and PyTorch's feed) on whatever backend runs."""
+    if variant != "program-numpy":
+        return streams.epoch_streams(cfg, data.x_train, data.y_train, 0, model)
+    batches = backends.on_keras(streams.EpochBatches, "utils.PyDataset")(cfg, data.x_train, data.y_train, 0)
+    return batches, streams.epoch_starter(batches.set_epoch, model)
 
 
 def reply(payload: dict) -> None:
@@ -212,15 +226,26 @@ def textbook_model(keras: object, model: object) -> object:
     return plain
 
 
+def onednn_state(backend: str) -> str:
+    """Whether TensorFlow runs its oneDNN kernels (its own answer, after its CPU check); n/a on other backends."""
+    if backend != "tensorflow":
+        return "n/a"
+    from tensorflow.python.util import _pywrap_util_port
+
+    return "on" if _pywrap_util_port.IsMklEnabled() else "off"
+
+
 def matmul_peak_gflops(precision: str, n: int = 2048, repeats: int = 5) -> float:
-    """Best observed GFLOP/s of an n x n matmul in the precision trained in: this machine's practical peak."""
-    tf = backends.import_tensorflow()
-    a = tf.cast(tf.random.normal((n, n)), "bfloat16" if precision == "bfloat16" else "float32")
-    tf.matmul(a, a).numpy()
+    """Best observed GFLOP/s of an n x n matmul in the precision trained in, on the backend's device (a GPU if it
+    has one): this machine's practical peak."""
+    ops = backends.import_keras().ops
+    a = ops.cast(ops.convert_to_tensor(np.random.default_rng(0).normal(size=(n, n))),
+                 "bfloat16" if precision == "bfloat16" else "float32")
+    ops.convert_to_numpy(ops.matmul(a, a))
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
-        tf.matmul(a, a).numpy()
+        ops.convert_to_numpy(ops.matmul(a, a))  # waits for the result
         best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
 

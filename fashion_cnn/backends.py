@@ -1,8 +1,9 @@
 """Keras on the backend the user picks, imported once and quietly, and the program's Keras classes joined to
 their bases.
 
-Needs Keras, the backend's own package and TensorFlow (tf.data feeds the batches on every backend:
-fashion_cnn.streams). Every use of Keras or TensorFlow in the program goes through import_keras().
+Needs Keras and the backend's own package: TensorFlow, JAX or PyTorch. On JAX and PyTorch nothing imports
+TensorFlow but what only TensorFlow has (--tensorboard). Every use of Keras or TensorFlow in the program goes
+through import_keras() or import_tensorflow().
 """
 
 from __future__ import annotations
@@ -77,10 +78,8 @@ def native_stderr_filtered(min_level: int) -> Iterator[None]:
 def use_backend(backend: str) -> None:
     """Make Keras load on `backend` (KERAS_BACKEND), or say in one line what to install or why it cannot be."""
     module, install = BACKENDS[backend]
-    for needed in {module, "tensorflow"}:  # tf.data feeds the batches on every backend
-        if importlib.util.find_spec(needed) is None:
-            raise UserError(f"the {backend} backend needs {needed}, which is not installed: "
-                            f"{install if needed == module else BACKENDS['tensorflow'][1]}")
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"the {backend} backend needs {module}, which is not installed: {install}")
     if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
         raise UserError(f"Keras is already loaded on {sys.modules['keras'].backend.backend()} in this process; "
                         f"start a new one for --backend {backend}")
@@ -88,26 +87,40 @@ def use_backend(backend: str) -> None:
 
 
 def import_keras() -> Any:
-    """Keras (on the backend use_backend chose), imported once with TensorFlow's start-up log lines kept off stderr.
+    """Keras (on the backend use_backend chose), imported once with TensorFlow's start-up log lines kept off stderr
+    (Keras imports TensorFlow when it is the backend, and only then).
 
-    Every use of TensorFlow or Keras in the program goes through here (or import_tensorflow), so that no
-    path (training, the study, --predict, Ray tasks) prints them.
+    Every use of Keras or TensorFlow in the program goes through here or import_tensorflow, so that no path
+    (training, the study, --predict, Ray tasks) prints them.
     """
     if "keras" not in sys.modules:
-        try:
-            level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
-        except ValueError:
-            level = 0
-        with native_stderr_filtered(level):
+        with quiet_native_start():
             import keras  # noqa: F401
-            import tensorflow  # noqa: F401 - Keras's backend
     return sys.modules["keras"]
 
 
 def import_tensorflow() -> Any:
-    """TensorFlow, imported quietly (see import_keras)."""
+    """TensorFlow, imported once and quietly: the tensorflow backend's own module; on JAX and PyTorch only what
+    TensorFlow alone has asks for it (--tensorboard)."""
     import_keras()
+    if "tensorflow" not in sys.modules:
+        with quiet_native_start():
+            import tensorflow  # noqa: F401
     return sys.modules["tensorflow"]
+
+
+def backend_name() -> str:
+    """The Keras backend this process runs on: tensorflow, jax or torch."""
+    return import_keras().backend.backend()
+
+
+def quiet_native_start() -> contextlib.AbstractContextManager:
+    """native_stderr_filtered at the level TF_CPP_MIN_LOG_LEVEL sets."""
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    return native_stderr_filtered(level)
 
 
 def on_keras(mixin: type, base: str) -> type:
@@ -122,8 +135,7 @@ def library_versions() -> dict[str, str]:
     import matplotlib
     import sklearn
 
-    keras, tf = import_keras(), import_tensorflow()
+    keras = import_keras()
     backend = BACKENDS[keras.backend.backend()][0]  # the module Keras runs on: tensorflow, jax or torch
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            backend: sys.modules[backend].__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-            "matplotlib": matplotlib.__version__}
+    return {"python": platform.python_version(), "keras": keras.__version__, backend: sys.modules[backend].__version__,
+            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "matplotlib": matplotlib.__version__}

@@ -13,8 +13,9 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from fashion_cnn.backends import import_keras, import_tensorflow
+from fashion_cnn.backends import backend_name, import_keras, import_tensorflow
 from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE, Settings, UserError, first_line
 
 KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -94,13 +95,22 @@ def available_memory() -> int | None:
 
 @contextlib.contextmanager
 def out_of_memory_as_error() -> Iterator[None]:
-    """An out-of-memory error from TensorFlow or NumPy as one line (nothing is written by a run that fails)."""
-    tf = import_tensorflow()
+    """An out-of-memory error from NumPy or the backend as one line (nothing is written by a run that fails)."""
     try:
         yield
-    except (MemoryError, tf.errors.ResourceExhaustedError) as e:
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
         raise UserError(f"out of memory ({first_line(e)[:200]}); nothing was written. Use a smaller --filters, "
                         "--dense-units or --batch-size") from None
+
+
+def is_out_of_memory(e: Exception) -> bool:
+    """Whether e says that memory ran out: NumPy's MemoryError, TensorFlow's ResourceExhaustedError, PyTorch's
+    OutOfMemoryError, or XLA's RESOURCE_EXHAUSTED on JAX (told by name: none of them needs importing)."""
+    name = type(e).__name__
+    return isinstance(e, MemoryError) or name in ("ResourceExhaustedError", "OutOfMemoryError") or (
+        name in ("XlaRuntimeError", "JaxRuntimeError") and "RESOURCE_EXHAUSTED" in str(e))
 
 
 def peak_memory_mb() -> float | None:
@@ -126,14 +136,28 @@ def cpu_flags() -> set[str]:
 
 
 def gpu_capabilities() -> list[tuple[int, int]]:
-    """CUDA compute capability of each visible GPU ((0, 0) where TensorFlow does not say)."""
-    tf = import_tensorflow()
+    """CUDA compute capability of each GPU the backend sees ((0, 0) where it does not say)."""
+    backend = backend_name()
+    if backend == "jax":
+        import jax
 
-    caps = []
-    for gpu in tf.config.list_physical_devices("GPU"):
-        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
-        caps.append(tuple(cc) if cc else (0, 0))
-    return caps
+        return [capability(getattr(d, "compute_capability", "")) for d in jax.devices() if d.platform == "gpu"]
+    if backend == "torch":
+        import torch
+
+        return [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+    tf = import_tensorflow()
+    return [capability(tf.config.experimental.get_device_details(gpu).get("compute_capability"))
+            for gpu in tf.config.list_physical_devices("GPU")]
+
+
+def capability(value: Any) -> tuple[int, int]:
+    """A compute capability as (major, minor), from TensorFlow's pair or JAX's "9.0"; (0, 0) if unknown."""
+    try:
+        major, minor = (int(v) for v in (value.split(".") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        return 0, 0
+    return major, minor
 
 
 def choose_precision(requested: str, gpus: list[tuple[int, int]], flags: set[str]) -> tuple[str, str]:
@@ -169,7 +193,7 @@ def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
     Keras's DataParallel is set for the process instead), else nowhere special."""
     if distribute != "mirrored":
         return contextlib.nullcontext()
-    keras, tf = import_keras(), import_tensorflow()
+    keras = import_keras()
     if keras.backend.backend() == "jax":
         devices = keras.distribution.list_devices()  # the GPUs (or TPUs), else the CPU devices
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
@@ -178,6 +202,7 @@ def distribution_scope(distribute: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     # Every GPU; without one, every logical CPU device (one, unless the caller split the CPU for testing).
+    tf = import_tensorflow()
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
     devices = ", ".join(strategy.extended.worker_devices)

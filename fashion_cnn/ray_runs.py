@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from fashion_cnn.backends import import_tensorflow, use_backend
+from fashion_cnn.backends import backend_name, import_tensorflow, use_backend
 from fashion_cnn.common import (
     BEST_MONITOR,
     DIVERGED,
@@ -91,11 +91,18 @@ def check_ray_reachable(address: str) -> None:
 
 
 def use_task_cpus() -> None:
-    """Let TensorFlow use only the CPUs Ray gave this task, so parallel tasks don't fight over cores."""
+    """Let TensorFlow (or PyTorch) use only the CPUs Ray gave this task, so parallel tasks don't fight over cores;
+    JAX sizes its thread pool when it starts."""
     import ray
-    tf = import_tensorflow()
 
     cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    if backend_name() == "torch":
+        import torch
+
+        torch.set_num_threads(cpus)
+    if backend_name() != "tensorflow":
+        return
+    tf = import_tensorflow()
     with contextlib.suppress(RuntimeError):  # a reused worker process has set them already
         tf.config.threading.set_intra_op_parallelism_threads(cpus)
         tf.config.threading.set_inter_op_parallelism_threads(cpus)

@@ -1,8 +1,10 @@
 """The training batches of each epoch: their order, the shifts, mirroring and random erasing (--shift, --flip,
---erase), and the dropout masks, all a function of (seed, epoch), so that the same seed gives the same run and a
-resumed run sees exactly what the uninterrupted one would have.
+--erase), and the dropout masks, all a function of (seed, epoch), so that the same seed gives the same run on a
+backend and a resumed run sees exactly what the uninterrupted one would have.
 
-Needs TensorFlow (tf.data and its stateless random ops), on every Keras backend.
+On TensorFlow the batches come from tf.data (fashion_cnn.tf_streams, the faster feed there); on JAX and PyTorch
+from a keras.utils.PyDataset drawing with NumPy, and nothing imports TensorFlow. Draws differ between the two, so
+a run repeats exactly within one backend, not across them. Needs NumPy and Keras.
 """
 
 from __future__ import annotations
@@ -13,65 +15,44 @@ from typing import Any
 
 import numpy as np
 
-from fashion_cnn.backends import import_keras, import_tensorflow
-from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE, Settings
-
-ERASE_AREA = (0.02, 0.4)  # share of the image a random-erasing rectangle covers (Zhong et al. 2017)
-ERASE_ASPECT = (0.3, 1 / 0.3)  # its height / width
+from fashion_cnn.backends import import_keras, import_tensorflow, on_keras
+from fashion_cnn.common import CLASS_NAMES, ERASE_AREA, ERASE_ASPECT, IMAGE_SIDE, Settings
 
 
 def seed_everything(seed: int) -> None:
     """Same seed, same machine, same flags: the same run."""
-    keras, tf = import_keras(), import_tensorflow()
+    keras = import_keras()
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if keras.backend.backend() == "tensorflow":
+        import_tensorflow().config.experimental.enable_op_determinism()
 
 
 def epoch_streams(cfg: Settings, x: np.ndarray, y: np.ndarray, seed: int, model: Any
                   ) -> tuple[Any, Callable[[int], None]]:
     """Training batches (augmented with --shift, --flip, --erase) and dropout masks that are a function of (seed,
-    epoch): a tf.data set of (uint8 images, one-hot labels), and the function that sets the epoch. fit(shuffle=True)
-    with a seed set gives the same batch order every epoch, and BackupAndRestore saves neither that nor the dropout
-    layers' random state; keyed by epoch, every epoch gets a new order and new masks, and a resumed run sees
-    exactly the batches and masks the uninterrupted run would have."""
-    tf = import_tensorflow()
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    images, labels = tf.constant(x), tf.constant(y)
+    epoch): batches of (uint8 images, one-hot labels), and the function that starts an epoch. fit(shuffle=True)
+    gives the same batch order every epoch (or, on a PyDataset, an unseeded one), and BackupAndRestore saves
+    neither that nor the dropout layers' random state; keyed by epoch, every epoch gets a new order and new masks,
+    and a resumed run sees exactly the batches and masks the uninterrupted run would have."""
+    if import_keras().backend.backend() == "tensorflow":
+        from fashion_cnn.tf_streams import tf_batches
 
-    def epoch_key() -> Any:
-        return tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
-
-    # Plain TensorFlow ops: AutoGraph has nothing to convert, and in a Ray task, where this module's code came by
-    # value, it cannot find the module and warns.
-    @tf.autograph.experimental.do_not_convert
-    def epoch_order(_: Any) -> Any:
-        return tf.random.experimental.stateless_shuffle(tf.range(len(y), dtype=tf.int64), seed=epoch_key())
-
-    @tf.autograph.experimental.do_not_convert
-    def batch(number: Any, idx: Any) -> tuple[Any, Any]:
-        key = tf.random.experimental.stateless_fold_in(epoch_key(), number)
-        return (augment_batch(tf.gather(images, idx), key, cfg.shift, cfg.flip, cfg.erase),
-                tf.one_hot(tf.gather(labels, idx), len(CLASS_NAMES)))
-
-    @tf.autograph.experimental.do_not_convert
-    def numbered_batches(order: Any) -> Any:
-        return tf.data.Dataset.from_tensor_slices(order).batch(cfg.batch_size).enumerate()
-
-    batches = (tf.data.Dataset.range(1).map(epoch_order).flat_map(numbered_batches)
-               .map(batch, num_parallel_calls=tf.data.AUTOTUNE)
-               .apply(tf.data.experimental.assert_cardinality(math.ceil(len(y) / cfg.batch_size)))
-               .prefetch(tf.data.AUTOTUNE))
-    return batches, epoch_starter(epoch, model)
+        batches, set_epoch = tf_batches(cfg, x, y, seed)
+    else:
+        batches = on_keras(EpochBatches, "utils.PyDataset")(cfg, x, y, seed)
+        set_epoch = batches.set_epoch
+    return batches, epoch_starter(set_epoch, model)
 
 
-def epoch_starter(epoch: Any, model: Any) -> Callable[[int], None]:
-    """The function that starts an epoch: it sets the batches' epoch variable and keys the masks of every dropout
-    layer of model by the epoch."""
+def epoch_starter(set_epoch: Callable[[int], Any], model: Any) -> Callable[[int], None]:
+    """The function that starts an epoch: it tells the batches their epoch (set_epoch) and keys the masks of every
+    dropout layer of model by it."""
+    keras = import_keras()
     generators = [layer.seed_generator for layer in model.layers if hasattr(layer, "seed_generator")]
-    layer_seeds = [int(g.state.numpy()[0]) for g in generators]
+    layer_seeds = [int(keras.ops.convert_to_numpy(g.state)[0]) for g in generators]
 
     def start_epoch(number: int) -> None:
-        epoch.assign(number)
+        set_epoch(number)
         for generator, layer_seed in zip(generators, layer_seeds, strict=True):
             # state is (key, draws so far); TensorFlow folds the key below 2**31, so mix the epoch into it
             key = np.random.SeedSequence([layer_seed, number]).generate_state(1)[0] % (2**31 - 2)
@@ -80,47 +61,61 @@ def epoch_starter(epoch: Any, model: Any) -> Callable[[int], None]:
     return start_epoch
 
 
-def augment_batch(images: Any, key: Any, shift: int, flip: bool, erase: float = 0.0) -> Any:
-    """Each image of the batch mirrored left-right with probability 1/2 (flip), moved by -shift..shift pixels
-    down and right, zero-filled, and with probability erase given a noise rectangle (random_erasing); the draws
-    are a function of key."""
-    tf = import_tensorflow()
+class EpochBatches:
+    """The training batches as a keras.utils.PyDataset (on_keras joins them), for JAX and PyTorch: batch `number`
+    of an epoch holds the images at its place in the epoch's order, augmented, both drawn by NumPy from (seed,
+    epoch, number) alone, so that it is the same batch whenever and in whatever thread it is made. fit() reads the
+    batches in order (shuffle=False); start_epoch sets the epoch before each one."""
+
+    def __init__(self, cfg: Settings, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+        super().__init__()  # one worker, no processes: each batch is made when fit() asks for it
+        self.images, self.labels, self.seed = x, y, seed
+        self.batch_size, self.shift, self.flip, self.erase = cfg.batch_size, cfg.shift, cfg.flip, cfg.erase
+        self.set_epoch(0)
+
+    def set_epoch(self, number: int) -> None:
+        """Start epoch `number`: its order of the images."""
+        self.epoch = number
+        self.order = np.random.default_rng([self.seed, number]).permutation(len(self.labels))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __getitem__(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+        picked = self.order[number * self.batch_size:(number + 1) * self.batch_size]
+        draws = np.random.default_rng([self.seed, self.epoch, number])
+        images = augmented(self.images[picked], draws, self.shift, self.flip, self.erase)
+        return images, np.eye(len(CLASS_NAMES), dtype=np.float32)[self.labels[picked]]
+
+
+def augmented(images: np.ndarray, draws: np.random.Generator, shift: int, flip: bool, erase: float) -> np.ndarray:
+    """A batch of uint8 images (N, 28, 28, 1), each mirrored left-right with probability 1/2 (flip), moved by
+    -shift..shift pixels down and right, zero-filled, and with probability erase given a noise rectangle
+    (erased), all drawn from draws."""
+    count = len(images)
     if flip:
-        images = tf.image.stateless_random_flip_left_right(images, seed=key)
+        mirrored = draws.random(count) < 0.5
+        images = np.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
     if shift:
-        key = tf.random.experimental.stateless_fold_in(key, 1)  # not the flip's draws
-        offsets = tf.random.stateless_uniform([2, tf.shape(images)[0], 1], key, 0, 2 * shift + 1, tf.int32)
-        window = tf.range(IMAGE_SIDE)
-        padded = tf.pad(images, [[0, 0], [shift, shift], [shift, shift], [0, 0]])
-        rows = tf.gather(padded, offsets[0] + window, axis=1, batch_dims=1)
-        images = tf.gather(rows, offsets[1] + window, axis=2, batch_dims=1)
-    if erase:
-        images = random_erasing(images, tf.random.experimental.stateless_fold_in(key, 2), erase)
-    return images
+        offsets = draws.integers(0, 2 * shift + 1, size=(2, count, 1, 1)) + np.arange(IMAGE_SIDE)[:, None]
+        padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+        images = padded[np.arange(count)[:, None, None], offsets[0], offsets[1].transpose(0, 2, 1)]
+    return erased(images, draws, erase) if erase else images
 
 
-def random_erasing(images: Any, key: Any, probability: float) -> Any:
-    """Random erasing (Zhong et al. 2017, arXiv:1708.04896): with the given probability an image gets one
-    rectangle of random area and aspect, at a random place, filled with uniform noise; a function of key.
-
-    A rectangle taller or wider than the image is cut at its edge rather than drawn again.
-    """
-    tf = import_tensorflow()
-    count = tf.shape(images)[0]
-    u = tf.random.stateless_uniform([5, count], key)
-    area = (ERASE_AREA[0] + u[1] * (ERASE_AREA[1] - ERASE_AREA[0])) * IMAGE_SIDE**2
-    low, high = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
-    aspect = tf.exp(low + u[2] * (high - low))
-    height = tf.clip_by_value(tf.round(tf.sqrt(area * aspect)), 1, IMAGE_SIDE)
-    width = tf.clip_by_value(tf.round(tf.sqrt(area / aspect)), 1, IMAGE_SIDE)
-    top = tf.floor(u[3] * (IMAGE_SIDE - height + 1))
-    left = tf.floor(u[4] * (IMAGE_SIDE - width + 1))
-    side = tf.range(IMAGE_SIDE, dtype=tf.float32)
-
-    def within(start: Any, length: Any) -> Any:
-        return (side >= start[:, None]) & (side < (start + length)[:, None])
-
-    inside = within(top, height)[:, :, None] & within(left, width)[:, None, :] & (u[0] < probability)[:, None, None]
-    noise = tf.random.stateless_uniform(tf.shape(images), tf.random.experimental.stateless_fold_in(key, 1), 0, 256,
-                                        tf.int32)
-    return tf.where(inside[..., None], tf.cast(noise, images.dtype), images)
+def erased(images: np.ndarray, draws: np.random.Generator, probability: float) -> np.ndarray:
+    """Random erasing (Zhong et al. 2017, arXiv:1708.04896), as fashion_cnn.tf_streams does it on TensorFlow:
+    with the given probability an image gets one rectangle of random area (ERASE_AREA) and aspect (ERASE_ASPECT),
+    cut at the image's edge, at a random place, filled with uniform noise."""
+    chosen, area_share, log_aspect, top_share, left_share = draws.random((5, len(images)))
+    area = (ERASE_AREA[0] + area_share * (ERASE_AREA[1] - ERASE_AREA[0])) * IMAGE_SIDE**2
+    aspect = np.exp(np.log(ERASE_ASPECT[0]) + log_aspect * np.log(ERASE_ASPECT[1] / ERASE_ASPECT[0]))
+    sides = [np.clip(np.round(np.sqrt(area * k)), 1, IMAGE_SIDE) for k in (aspect, 1 / aspect)]  # height, width
+    starts = [np.floor(share * (IMAGE_SIDE - side + 1)) for share, side in zip((top_share, left_share), sides,
+                                                                                 strict=True)]
+    pixel = np.arange(IMAGE_SIDE)
+    rows, cols = ((pixel >= start[:, None]) & (pixel < (start + side)[:, None]) for start, side in zip(starts, sides,
+                                                                                                    strict=True))
+    inside = rows[:, :, None] & cols[:, None, :] & (chosen < probability)[:, None, None]
+    noise = draws.integers(0, 256, images.shape, dtype=np.uint8)
+    return np.where(inside[..., None], noise, images)

@@ -25,8 +25,8 @@ LEVERS = ["--ema", "0.9", "--label-smoothing", "0.1", "--shift", "2", "--flip", 
 LONG = [*TINY, "--limit", "1600", "--epochs", "4", *LEVERS]  # 40 steps an epoch: time to land a signal inside one
 
 
-def start_cli(*args: str | os.PathLike) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_cli(*args: str | os.PathLike, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -53,9 +53,10 @@ def run_flags(folder: Path, data_dir: Path, *extra: str) -> list[str]:
             *LONG, *extra]
 
 
-def stop_in_epoch(flags: list[str], epoch: int, signum: int, total: int = 4) -> subprocess.CompletedProcess[str]:
-    """Start a run and send signum once its epoch `epoch` has begun."""
-    proc = start_cli(*flags)
+def stop_in_epoch(flags: list[str], epoch: int, signum: int, total: int = 4, env: dict[str, str] | None = None
+                  ) -> subprocess.CompletedProcess[str]:
+    """Start a run (with env added to the environment) and send signum once its epoch `epoch` has begun."""
+    proc = start_cli(*flags, env=env)
     wait_for_line(proc, f"Epoch {epoch}/{total}")
     if signum == signal.SIGKILL:
         time.sleep(0.5)  # be inside the epoch, not at its start

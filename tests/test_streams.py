@@ -1,12 +1,33 @@
-"""The training batches of each epoch: their order, shifts, mirroring, erasing and dropout masks, keyed by seed and epoch."""
+"""The training batches of each epoch: their order, shifts, mirroring, erasing and dropout masks, keyed by seed and
+epoch, from tf.data on TensorFlow and from NumPy on JAX and PyTorch."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 import ConvolutionalNN as cnn
 from fashion_cnn import streams
+
+Epochs = Callable[[int], list[np.ndarray]]  # epoch -> the image batches of that epoch
+
+
+def tf_data_epochs(cfg: cnn.Config, images: np.ndarray, labels: np.ndarray, seed: int) -> Epochs:
+    """The batches the TensorFlow backend trains on (tf.data), by epoch."""
+    batches, start_epoch = streams.epoch_streams(cfg, images, labels, seed, cnn.build_model(cfg, 0.01, 10))
+    return lambda epoch: (start_epoch(epoch), [x.numpy() for x, _ in batches])[1]
+
+
+def numpy_epochs(cfg: cnn.Config, images: np.ndarray, labels: np.ndarray, seed: int) -> Epochs:
+    """The batches JAX and PyTorch train on (NumPy, a PyDataset there; here without Keras), by epoch."""
+    batches = streams.EpochBatches(cfg, images, labels, seed)
+    return lambda epoch: (batches.set_epoch(epoch), [batches[i][0] for i in range(len(batches))])[1]
+
+
+FEEDS = [pytest.param(tf_data_epochs, marks=pytest.mark.slow, id="tf.data"),  # imports TensorFlow: 10 s or more
+         pytest.param(numpy_epochs, id="NumPy")]
 
 
 @pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
@@ -34,32 +55,30 @@ def test_every_epoch_gets_its_own_batch_order_and_dropout_masks() -> None:
     assert epoch(0) == first and epoch(1) == second, "an epoch's order and masks depend on (seed, epoch) alone"
 
 
-def augmentation_of_each_image(images: np.ndarray, seed: int, epoch: int) -> dict[int, tuple[bool, int, int]]:
+def augmentation_of_each_image(feed: Callable[..., Epochs], images: np.ndarray, seed: int, epoch: int
+                               ) -> dict[int, tuple[bool, int, int]]:
     """For one epoch of --shift 2 --flip batches: image index -> (mirrored, pixels moved down, pixels moved right)."""
     cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8", "--shift", "2", "--flip", "--batch-size", "16"])
-    model = cnn.build_model(cfg, 0.01, 10)
-    batches, start_epoch = streams.epoch_streams(cfg, images, np.zeros(len(images), np.uint8), seed, model)
-    start_epoch(epoch)
+    batches = feed(cfg, images, np.zeros(len(images), np.uint8), seed)(epoch)
     copies = {moved(images[k, :, ::-1] if flipped else images[k], dy, dx).tobytes(): (k, flipped, dy, dx)
               for k in range(len(images)) for flipped in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)}
-    found = [copies.get(image.tobytes()) for x, _ in batches for image in x.numpy()]
+    found = [copies.get(image.tobytes()) for x in batches for image in x]
     assert None not in found, "every training image is a source image, flipped or not, moved by at most 2 px"
     assert sorted(k for k, *_ in found) == list(range(len(images))), "each image once an epoch"
     return {k: (flipped, dy, dx) for k, flipped, dy, dx in found}
 
 
-@pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
-def test_random_erasing_puts_one_noise_rectangle_in_the_chosen_share_of_images_keyed_by_seed_and_epoch() -> None:
+@pytest.mark.parametrize("feed", FEEDS)
+def test_random_erasing_puts_one_noise_rectangle_in_the_chosen_share_of_images_keyed_by_seed_and_epoch(
+        feed: Callable[..., Epochs]) -> None:
     """--erase 0.5: about half the images of an epoch get a rectangle of 2-40% of the image, the rest are untouched."""
     images = np.zeros((400, 28, 28, 1), np.uint8)
     cfg = cnn.parse_args(["--filters", "4", "--dense-units", "8", "--shift", "0", "--erase", "0.5",
                           "--batch-size", "100"])
-    model = cnn.build_model(cfg, 0.01, 10)
-    batches, start_epoch = streams.epoch_streams(cfg, images, np.zeros(len(images), np.uint8), 0, model)
+    epochs = feed(cfg, images, np.zeros(len(images), np.uint8), 0)
 
     def erased(epoch: int) -> np.ndarray:
-        start_epoch(epoch)
-        return np.concatenate([x.numpy() for x, _ in batches])[..., 0] != 0  # noise is 0 in 1 pixel of 256
+        return np.concatenate(epochs(epoch))[..., 0] != 0  # noise is 0 in 1 pixel of 256
 
     first = erased(0)
     hit = first.reshape(len(images), -1).any(axis=1)
@@ -81,12 +100,13 @@ def moved(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs
-def test_augmented_batches_are_shifted_and_flipped_copies_keyed_by_seed_and_epoch() -> None:
+@pytest.mark.parametrize("feed", FEEDS)
+def test_augmented_batches_are_shifted_and_flipped_copies_keyed_by_seed_and_epoch(feed: Callable[..., Epochs]) -> None:
     images = np.random.default_rng(0).integers(1, 256, (64, 28, 28, 1), dtype=np.uint8)  # no 0: the fill shows
-    first = augmentation_of_each_image(images, seed=0, epoch=0)
+    first = augmentation_of_each_image(feed, images, seed=0, epoch=0)
     assert 16 < sum(flipped for flipped, _, _ in first.values()) < 48, "about half the images are mirrored"
     assert len({move[1:] for move in first.values()}) > 15, "shifts take many of the 25 values"
-    assert augmentation_of_each_image(images, seed=0, epoch=0) == first, "(seed, epoch) decides it all"
-    for other in (augmentation_of_each_image(images, seed=0, epoch=1), augmentation_of_each_image(images, 1, 0)):
+    assert augmentation_of_each_image(feed, images, seed=0, epoch=0) == first, "(seed, epoch) decides it all"
+    for other in (augmentation_of_each_image(feed, images, seed=0, epoch=1),
+                  augmentation_of_each_image(feed, images, 1, 0)):
         assert sum(other[k] != first[k] for k in first) > 48, "an image gets a new augmentation each epoch and seed"

@@ -11,7 +11,6 @@ validation images), for --repeats rounds, so that machine noise hits them alike.
 
   keras-float32   the textbook path: float32 arrays scaled in NumPy, fit(shuffle=True), TensorFlow's own
                   oneDNN choice for this CPU (the ratio column is against this one)
-  keras-jax       the same textbook path on Keras's JAX backend (the yardstick where TensorFlow is not installed)
   program-eigen   the program's training path with TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's Eigen kernels)
   program         the program's training path as `python3 ConvolutionalNN.py` runs it: uint8 input scaled in
                   the model, epoch streams with 1-pixel shifts, EMA, label smoothing, oneDNN on, --precision auto
@@ -24,6 +23,9 @@ validation images), for --repeats rounds, so that machine noise hits them alike.
   program-jax     the program's path on Keras's JAX backend (--backend jax; NumPy batches, no TensorFlow: the
                   only variant that runs where TensorFlow is not installed, such as a GPU machine with JAX)
   program-torch   the same on the PyTorch backend (--backend torch; run this script with a Python that has torch)
+
+Every variant runs on TensorFlow unless it names its backend or --backend names another: --backend jax compares
+the textbook path and the program's on JAX, where TensorFlow is not installed (a GPU machine with JAX).
 
 Prints, per variant, the median seconds per epoch (training and validation), the images/s that makes (48,000
 training images over the whole epoch), the ratio to keras-float32, and the fraction of this machine's matmul
@@ -58,7 +60,6 @@ if sys.argv[1:3] == ["--worker", "keras-float32"] and not ONEDNN_SET_OUTSIDE:
 NO_LEVERS = ["--ema", "0", "--label-smoothing", "0", "--shift", "0", "--conv-dropout", "0.25"]  # the old recipe
 VARIANTS = {  # name: (environment it needs, precision, program's path?, extra flags)
     "keras-float32": ({"TF_ENABLE_ONEDNN_OPTS": None}, "float32", False, NO_LEVERS),  # None: TensorFlow decides
-    "keras-jax": ({"KERAS_BACKEND": "jax"}, "float32", False, NO_LEVERS),
     "program-eigen": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "auto", True, []),
     "program": ({}, "auto", True, []),
     "program-no-levers": ({}, "auto", True, NO_LEVERS),
@@ -83,6 +84,8 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS)
     p.add_argument("--limit", type=int, help="train on the first N images only (a quick check of this script; "
                    "the figures are for whole epochs)")
+    p.add_argument("--backend", choices=("tensorflow", "jax", "torch"), default="tensorflow",
+                   help="the Keras backend of the variants that name none")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -91,7 +94,7 @@ def main() -> int:
         sys.exit(f"error: no Fashion-MNIST in {a.data_dir}; give --data-dir (the figures need the real data)")
     workers, ready = {}, {}
     for v in a.variants:  # one after another, so that each measures its matmul peak alone
-        workers[v] = start_worker(v, a.data_dir, a.limit)
+        workers[v] = start_worker(v, a.data_dir, a.limit, a.backend)
         ready[v] = read_reply(workers[v])
     epochs: dict[str, list[dict]] = {v: [] for v in a.variants}
     for r in range(a.repeats):
@@ -109,9 +112,9 @@ def main() -> int:
     return 0
 
 
-def start_worker(variant: str, data_dir: Path, limit: int | None) -> subprocess.Popen[str]:
-    """A process that trains variant one epoch at a time, on request."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", KERAS_BACKEND="tensorflow")  # unless the variant says otherwise
+def start_worker(variant: str, data_dir: Path, limit: int | None, backend: str) -> subprocess.Popen[str]:
+    """A process that trains variant one epoch at a time, on request, on backend unless the variant names one."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", KERAS_BACKEND=backend)
     for key, value in VARIANTS[variant][0].items():
         env.pop(key, None) if value is None else env.__setitem__(key, value)
     limit_flag = ["--limit", str(limit)] if limit else []
@@ -235,17 +238,18 @@ def onednn_state(backend: str) -> str:
     return "on" if _pywrap_util_port.IsMklEnabled() else "off"
 
 
-def matmul_peak_gflops(precision: str, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(precision: str, repeats: int = 5) -> float:
     """Best observed GFLOP/s of an n x n matmul in the precision trained in, on the backend's device (a GPU if it
-    has one): this machine's practical peak."""
+    has one): this machine's practical peak. n is 2048 on a CPU, 8192 on a GPU (smaller ones leave it idle)."""
     ops = backends.import_keras().ops
+    n = 8192 if hardware.gpu_capabilities() else 2048
     a = ops.cast(ops.convert_to_tensor(np.random.default_rng(0).normal(size=(n, n))),
                  "bfloat16" if precision == "bfloat16" else "float32")
-    ops.convert_to_numpy(ops.matmul(a, a))
+    ops.convert_to_numpy(ops.sum(ops.matmul(a, a)))
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
-        ops.convert_to_numpy(ops.matmul(a, a))  # waits for the result
+        ops.convert_to_numpy(ops.sum(ops.matmul(a, a)))  # waits for the product; copies one number, not n x n
         best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
 

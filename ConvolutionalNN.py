@@ -224,6 +224,13 @@ class Config:
                                         recorded=False)
     json_output: bool = setting(False, "print --predict results as JSON", "--json", action="store_true",
                                 group="prediction", recorded=False)
+    finetune: Path | None = setting(None, "teach the trained model (--model-path) your own photos: DIR holds a "
+                                    "folder of photos per class, named for the class; --epochs, --lr, "
+                                    "--batch-size and --seed apply when given", type=Path, metavar="DIR",
+                                    group="prediction", recorded=False)
+    finetuned_path: Path | None = setting(None, "where --finetune saves the adapted model; none given: beside "
+                                          "--model-path, named for DIR (models/fashion_cnn_DIR.keras)", type=Path,
+                                          metavar="PATH", group="prediction", recorded=False)
 
     @property
     def lr(self) -> float:
@@ -319,7 +326,26 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error("--tensorboard applies to training, not to --predict")
     if flags.json_output and not flags.predict:
         parser.error("--json only applies to --predict")
+    check_finetune_flags(parser, flags)
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(flags).items()})
+
+
+def check_finetune_flags(parser: argparse.ArgumentParser, flags: argparse.Namespace) -> None:
+    """Usage errors of --finetune: what it does not combine with, and --finetuned-path without it."""
+    if flags.finetuned_path and not flags.finetune:
+        parser.error("--finetuned-path only applies to --finetune")
+    if flags.finetuned_path and flags.finetuned_path.suffix != ".keras":
+        parser.error(f"--finetuned-path {flags.finetuned_path} must end in .keras")
+    if not flags.finetune:
+        return
+    if flags.predict:
+        parser.error("--finetune and --predict are two calls: adapt first, then --predict --model-path ADAPTED")
+    clashes = [flag for flag, given in (("--resume", flags.resume), ("--ray", flags.ray),
+                                        ("--tensorboard", flags.tensorboard), ("several --lr", len(flags.lrs) > 1),
+                                        ("several --seed", len(flags.seeds) > 1),
+                                        ("--distribute", flags.distribute != "none")) if given]
+    if clashes:
+        parser.error(f"--finetune trains one adapted model here; drop {' and '.join(clashes)}")
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:
@@ -351,6 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fashion_cnn.predict import predict
 
             return predict(cfg)
+        if cfg.finetune:
+            from fashion_cnn.finetune import finetune
+
+            return finetune(cfg)
         return train_and_report(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -236,7 +236,8 @@ def orientation_accuracies(probs: np.ndarray, mirrored: np.ndarray, labels: np.n
 def orientation_table(model_path: Path, folder: Path, kinds: dict[str, str], labels: np.ndarray,
                       data_dir: Path) -> None:
     """Print each orientation rule's accuracy per kind of photo and on the 10,000 test arrays."""
-    model, tta = load_trained_model(model_path)
+    model, notes = load_trained_model(model_path)
+    tta = notes.get("test_time_augmentation")
 
     def both(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = images[..., None]

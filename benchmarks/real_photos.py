@@ -11,6 +11,13 @@ The split is fixed: in each folder, in file-name order, the first TUNE_COUNT pho
 tune`) and the rest are held out for the figure reported (`--split held-out`). A folder is named either as in
 real-clothes-dev (FOLDER_CLASSES) or by a Fashion-MNIST class name ("Sneaker", "ankle-boot", ...).
 
+`--finetune` instead adapts the model to the tuning photos with `ConvolutionalNN.py --finetune` (its defaults),
+and the same network from random weights with the same recipe, and prints, per folder, the share of the held-out
+photos given their own folder's name by each, beside the model as it is (zero-shot: the right Fashion-MNIST
+class), and how long each --finetune call took:
+
+    python3 benchmarks/real_photos.py ../shared/data/real-clothes-dev models/fashion_cnn.keras --finetune
+
 `--fashion-mnist DIR` also writes the 10,000 test images of the IDX files in DIR as 28x28 PNGs, classifies them
 the same way, and prints their accuracy and the share flagged unsure. `--keep DIR` keeps what the network saw.
 """
@@ -23,6 +30,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +129,57 @@ def fashion_mnist_check(model: Path, data_dir: Path, work: Path) -> None:
           f"{unsure.mean():.2%} flagged unsure ({unsure.sum()} of {len(files)})")
 
 
+def finetune_comparison(root: Path, base: Path, work: Path) -> None:
+    """Adapt base, and a network of random weights, to the tuning photos; the held-out photos' right-folder shares."""
+    teach = work / "teach"
+    for folder, files in photos_of(root, "tune").items():
+        (teach / folder).mkdir(parents=True)
+        for f in files:
+            (teach / folder / f.name).symlink_to(f.resolve())
+    random_base = untrained_model(work / "random.keras")
+    models, seconds = {"zero-shot": base}, {}
+    for name, start in (("fine-tuned", base), ("from random weights", random_base)):
+        models[name], begun = work / f"{name.replace(' ', '-')}.keras", time.perf_counter()
+        done = subprocess.run([sys.executable, str(SCRIPT), "--finetune", str(teach), "--model-path", str(start),
+                               "--finetuned-path", str(models[name]), "--plots-dir", str(work / name)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"error: --finetune failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        seconds[name] = time.perf_counter() - begun
+    held = photos_of(root, "held-out")
+    every = [f for fs in held.values() for f in fs]
+    right = {name: right_folders(held, classify(model, every, work / f"seen-{name}"), name == "zero-shot")
+             for name, model in models.items()}
+    print(f"{root}: trained on the first {TUNE_COUNT} photos a folder, right folder on the rest:")
+    print("| folder | photos | " + " | ".join(right) + " |\n| --- | --- |" + " --- |" * len(right))
+    for folder, files in held.items():
+        print(f"| {folder} | {len(files)} | " + " | ".join(share(r[folder], len(files)) for r in right.values()) + " |")
+    print(f"| **all** | {len(every)} | " + " | ".join(share(sum(r.values()), len(every)) for r in right.values())
+          + " |")
+    print("; ".join(f"--finetune {name}: {s:.0f} s (reading the photos and training)" for name, s in seconds.items()))
+
+
+def right_folders(held: dict[str, list[Path]], results: dict[str, dict], zero_shot: bool) -> dict[str, int]:
+    """Per folder, how many of its photos got its own name (zero-shot: one of its Fashion-MNIST classes)."""
+    def right(folder: str, r: dict) -> bool:
+        return r["class"] in right_classes(folder) if zero_shot else r["class"] == folder
+
+    return {folder: sum(right(folder, results[str(f)]) for f in files) for folder, files in held.items()}
+
+
+def untrained_model(path: Path) -> Path:
+    """The default network with random weights, saved as --finetune reads a base model."""
+    import ConvolutionalNN as cnn
+    from fashion_cnn.backends import use_backend
+    from fashion_cnn.model_file import save_model
+    from fashion_cnn.tta import test_time_augmentation
+
+    cfg = cnn.parse_args([])
+    use_backend(cfg.backend)
+    save_model(cnn.build_model(cfg, cfg.lr, 1), path, {"test_time_augmentation": test_time_augmentation(cfg)})
+    return path
+
+
 def main() -> int:
     """Classify the chosen split's photos and print the table (and the Fashion-MNIST check)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -130,7 +189,13 @@ def main() -> int:
                         help=f"the first {TUNE_COUNT} photos a folder (tune), the rest (held-out), or all")
     parser.add_argument("--fashion-mnist", type=Path, metavar="DIR", help="also check the 10,000 test images there")
     parser.add_argument("--keep", type=Path, help="keep what the network saw in this new folder")
+    parser.add_argument("--finetune", action="store_true", help="compare the model adapted to the tuning photos "
+                        "(and a network of random weights adapted alike) with it on the held-out photos")
     args = parser.parse_args()
+    if args.finetune:
+        with tempfile.TemporaryDirectory() as tmp:
+            finetune_comparison(args.photos, args.model, Path(tmp))
+        return 0
     by_folder = photos_of(args.photos, args.split)
     with tempfile.TemporaryDirectory() as tmp:
         plots = args.keep or Path(tmp) / "seen"

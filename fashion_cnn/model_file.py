@@ -57,8 +57,9 @@ def portable_config(data: bytes) -> bytes:
     return json.dumps(config).encode()
 
 
-def load_trained_model(path: Path) -> tuple[Any, dict[str, bool] | None]:
-    """Load the saved model and the test-time augmentation it was trained for, or explain how to get one."""
+def load_trained_model(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Load the saved model and its notes (the test-time augmentation it was trained for; an adapted model's class
+    names and unsure cut: fashion_cnn.finetune), or explain how to get one."""
     if not path.is_file():
         raise UserError(f"no trained model at {path}; train one first with: python3 ConvolutionalNN.py "
                         f"--model-path {path}")
@@ -72,4 +73,4 @@ def load_trained_model(path: Path) -> tuple[Any, dict[str, bool] | None]:
             notes = json.loads(archive.read(MODEL_NOTES)) if MODEL_NOTES in archive.namelist() else {}
     except Exception as e:  # noqa: BLE001 - Keras raises many types for a corrupt archive
         raise UserError(f"{path} is not a readable Keras model file ({first_line(e)}); {retrain}") from None
-    return model, notes.get("test_time_augmentation")
+    return model, notes

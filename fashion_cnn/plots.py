@@ -35,15 +35,16 @@ def plot_curves(history: dict[str, list[float]], metric: str, best_epoch: int | 
     save_figure(fig, path)
 
 
-def plot_confusion(confusion: np.ndarray, path: Path) -> None:
-    """Test-set confusion matrix with class names and counts."""
+def plot_confusion(confusion: np.ndarray, path: Path, names: tuple[str, ...] = CLASS_NAMES, of: str = "Test-set"
+                   ) -> None:
+    """A confusion matrix (of the test set, or of what `of` says) with class names and counts."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 8))
-    ConfusionMatrixDisplay(confusion, display_labels=CLASS_NAMES).plot(
+    ConfusionMatrixDisplay(confusion, display_labels=names).plot(
         ax=ax, cmap="Blues", values_format="d", xticks_rotation=45, colorbar=False)
-    ax.set_title("Test-set confusion matrix (rows: true class, columns: predicted)")
+    ax.set_title(f"{of} confusion matrix (rows: true class, columns: predicted)")
     save_figure(fig, path)
 
 

@@ -31,7 +31,8 @@ def predict(cfg: Settings) -> int:
     classes (or JSON) and draw what the network saw under --plots-dir; exit 1 if any file failed."""
     if importlib.util.find_spec("cv2") is None:  # photos need GrabCut; say so once, not once a file
         raise UserError("--predict needs OpenCV to find the item in a photo: pip install -r requirements.txt")
-    model, tta = load_trained_model(cfg.model_path)
+    model, notes = load_trained_model(cfg.model_path)
+    tta, classes = notes.get("test_time_augmentation"), ModelClasses.of(notes)
     check_writable(cfg.plots_dir / "predict")
     decoded, failed = [], 0
     for path in image_files(cfg.predict):
@@ -42,15 +43,15 @@ def predict(cfg: Settings) -> int:
             failed += 1
     results = []
     if decoded:
-        probabilities, read = read_photos(model, [seen for _, seen in decoded], tta)
+        probabilities, read = read_photos(model, [seen for _, seen in decoded], tta, classes)
         pictures = picture_paths([path for path, _ in decoded], cfg.plots_dir / "predict")
         for (path, _), seen, probs, picture in zip(decoded, read, probabilities, pictures, strict=True):
-            results.append(classification(path, probs, seen) | {"seen": str(picture)})
-            draw_what_the_network_saw(seen, results[-1], picture)
+            results.append(classification(path, probs, seen, classes) | {"seen": str(picture)})
+            draw_what_the_network_saw(seen, results[-1], picture, classes.unsure_note)
     if cfg.json_output:
         print(json.dumps(results, indent=2))
     else:
-        print_classifications(results, cfg.plots_dir / "predict")
+        print_classifications(results, cfg.plots_dir / "predict", classes.unsure_note)
     if failed:
         print(f"{failed} of {failed + len(results)} files could not be classified.", file=sys.stderr)
         return EXIT_FAILURE
@@ -60,7 +61,7 @@ def predict(cfg: Settings) -> int:
     return 0
 
 
-def print_classifications(results: list[dict[str, Any]], pictures: Path) -> None:
+def print_classifications(results: list[dict[str, Any]], pictures: Path, unsure_note: str = "") -> None:
     """One line per image: its class and probability, what was done to read it, and the next two classes."""
     for r in results:
         note = " (inverted: light background)" if r["inverted"] else ""
@@ -71,7 +72,7 @@ def print_classifications(results: list[dict[str, Any]], pictures: Path) -> None
         if not r["item_found"]:
             note += " (no item stood out from the background: the whole picture was used)"
         others = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top3"][1:])
-        unsure = f" ({UNSURE_NOTE})" if r["unsure"] else ""
+        unsure = f" ({unsure_note or UNSURE_NOTE})" if r["unsure"] else ""
         print(f"{r['file']}: {r['class']} {r['probability']:.1%}{unsure}{note}  [next: {others}]")
     if results:
         print(f"What the network saw: {pictures}/")
@@ -81,17 +82,20 @@ def print_classifications(results: list[dict[str, Any]], pictures: Path) -> None
 FOOTWEAR = tuple(CLASS_NAMES.index(name) for name in ("Sandal", "Sneaker", "Ankle boot"))
 
 
-def read_photos(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | None
-                ) -> tuple[np.ndarray, list[NetworkInput]]:
+def read_photos(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | None,
+                classes: ModelClasses | None = None) -> tuple[np.ndarray, list[NetworkInput]]:
     """The class probabilities of each input, and the inputs as read. A 28x28 image is read as it is, exactly as
     the test evaluation reads it. A photo is read as photographed and mirrored: the mirrored reading is kept when
     it is a shoe and more confident (a shoe pointing right; averaging both readings, or keeping the more
     confident of any class, loses 1-2 points on the others). Unless that reading is a shoe, a photo of a wide
     item is read again stretched to a garment's proportions (NetworkInput.garment), and that reading is kept
-    where the first was less than SURE_AS_PHOTOGRAPHED; the first then goes to the unsure score too.
+    where the first was less than SURE_AS_PHOTOGRAPHED; the first then goes to the unsure score too. A model
+    adapted to the user's photos (classes.adapted) learned them as photographed, mirrored too: one reading.
     """
     batch = np.stack([seen.pixels for seen in inputs])[..., np.newaxis]
     probabilities = class_probabilities(model, batch, tta)
+    if classes is not None and classes.adapted:
+        return probabilities, list(inputs)
     photos = [i for i, seen in enumerate(inputs) if seen.photo]
     read = list(inputs)
     if photos:
@@ -114,14 +118,16 @@ def read_photos(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | N
     return probabilities, read
 
 
-def classification(path: Path, probs: np.ndarray, seen: NetworkInput) -> dict[str, Any]:
+def classification(path: Path, probs: np.ndarray, seen: NetworkInput, classes: ModelClasses | None = None
+                   ) -> dict[str, Any]:
     """One image's result: the top class, its probability, the top 3, whether the network is unsure (and the
     score that says so), whether the image was inverted, mirrored or stretched, and where the item was found."""
+    classes = classes or ModelClasses()
     top = np.argsort(probs)[::-1][:3]
     score = unsure_score(probs, seen.other_reading)
-    return {"file": str(path), "class": CLASS_NAMES[top[0]], "probability": float(probs[top[0]]),
-            "top3": [{"class": CLASS_NAMES[k], "probability": float(probs[k])} for k in top],
-            "unsure": bool(score > UNSURE_ABOVE), "unsure_score": round(float(score), 4),
+    return {"file": str(path), "class": classes.names[top[0]], "probability": float(probs[top[0]]),
+            "top3": [{"class": classes.names[k], "probability": float(probs[k])} for k in top],
+            "unsure": bool(score > classes.unsure_above), "unsure_score": round(float(score), 4),
             "inverted": seen.inverted, "mirrored": seen.mirrored, "stretched": seen.stretched,
             "as_photographed": seen.as_photographed, "item_found": seen.item_found,
             "crop_box": list(seen.box) if seen.box else None}
@@ -136,6 +142,28 @@ def classification(path: Path, probs: np.ndarray, seen: NetworkInput) -> dict[st
 SURE_AS_PHOTOGRAPHED = 0.6  # a wide photo read at least this sure as photographed keeps that reading
 UNSURE_ABOVE = 0.54         # unsure when the class has less than 1 - this (in either reading)
 UNSURE_NOTE = "unsure: looks unlike the data set's product photos"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelClasses:
+    """What a saved model's outputs mean: Fashion-MNIST's classes, or the folders of the photos it was adapted to
+    (--finetune), with the unsure cut chosen on its held-out photos."""
+
+    names: tuple[str, ...] = CLASS_NAMES
+    unsure_above: float = UNSURE_ABOVE
+    adapted: bool = False
+
+    @classmethod
+    def of(cls, notes: dict[str, Any]) -> ModelClasses:
+        """The classes a model's notes (fashion_cnn.model_file) name."""
+        if "class_names" not in notes:
+            return cls()
+        return cls(tuple(notes["class_names"]), float(notes.get("unsure_above", UNSURE_ABOVE)), adapted=True)
+
+    @property
+    def unsure_note(self) -> str:
+        """What an unsure answer's line says."""
+        return "unsure: looks unlike the photos it was taught" if self.adapted else UNSURE_NOTE
 
 
 def unsure_score(probs: np.ndarray, other_reading: np.ndarray | None = None) -> float:
@@ -155,7 +183,8 @@ def picture_paths(files: list[Path], folder: Path) -> list[Path]:
     return paths
 
 
-def draw_what_the_network_saw(seen: NetworkInput, result: dict[str, Any], path: Path) -> None:
+def draw_what_the_network_saw(seen: NetworkInput, result: dict[str, Any], path: Path, unsure_note: str = UNSURE_NOTE
+                              ) -> None:
     """One PNG: the picture with the item's crop box, the 28x28 input the network got, and its top classes."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -180,7 +209,8 @@ def draw_what_the_network_saw(seen: NetworkInput, result: dict[str, Any], path: 
         draw.text((panel + height + 16, 60 + 30 * i), f"{top['class']}: {top['probability']:.1%}",
                   fill="black", font=font)
     if result.get("unsure"):
-        note = UNSURE_NOTE.replace(": ", ":\n").replace(" the data", "\nthe data")  # three short lines
+        note = unsure_note.replace(": ", ":\n").replace(" the data", "\nthe data").replace(" the photos",
+                                                                                         "\nthe photos")
         draw.multiline_text((panel + height + 16, 160), note, fill=(200, 30, 30), font=font)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")

@@ -67,9 +67,10 @@ class EpochBatches:
     epoch, number) alone, so that it is the same batch whenever and in whatever thread it is made. fit() reads the
     batches in order (shuffle=False); start_epoch sets the epoch before each one."""
 
-    def __init__(self, cfg: Settings, x: np.ndarray, y: np.ndarray, seed: int) -> None:
+    def __init__(self, cfg: Settings, x: np.ndarray, y: np.ndarray, seed: int, classes: int = len(CLASS_NAMES)
+                 ) -> None:
         super().__init__()  # one worker, no processes: each batch is made when fit() asks for it
-        self.images, self.labels, self.seed = x, y, seed
+        self.images, self.labels, self.seed, self.classes = x, y, seed, classes
         self.batch_size, self.shift, self.flip, self.erase = cfg.batch_size, cfg.shift, cfg.flip, cfg.erase
         self.set_epoch(0)
 
@@ -85,7 +86,7 @@ class EpochBatches:
         picked = self.order[number * self.batch_size:(number + 1) * self.batch_size]
         draws = np.random.default_rng([self.seed, self.epoch, number])
         images = augmented(self.images[picked], draws, self.shift, self.flip, self.erase)
-        return images, np.eye(len(CLASS_NAMES), dtype=np.float32)[self.labels[picked]]
+        return images, np.eye(self.classes, dtype=np.float32)[self.labels[picked]]
 
 
 def augmented(images: np.ndarray, draws: np.random.Generator, shift: int, flip: bool, erase: float) -> np.ndarray:

@@ -29,6 +29,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log is no
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
+# JAX on a GPU: without it, reductions and cuDNN's choice of algorithm vary from run to run, so that the same seed
+# did not give the same run there (93.72% and 93.78% from one command on an H200, docs/RESULTS.md).
+DETERMINISTIC_XLA = "--xla_gpu_deterministic_ops=true"
 BACKENDS = {  # Keras backend -> (the module it needs, how to install it)
     "tensorflow": ("tensorflow", "pip install -r requirements.txt"),
     "jax": ("jax", "pip install 'jax[cpu]' (an NVIDIA GPU: 'jax[cuda12]')"),
@@ -80,6 +83,9 @@ def use_backend(backend: str) -> None:
     module, install = BACKENDS[backend]
     if importlib.util.find_spec(module) is None:
         raise UserError(f"the {backend} backend needs {module}, which is not installed: {install}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if backend == "jax" and "xla_gpu_deterministic_ops" not in flags:  # read when JAX first uses a device
+        os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_XLA}".strip()
     if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
         raise UserError(f"Keras is already loaded on {sys.modules['keras'].backend.backend()} in this process; "
                         f"start a new one for --backend {backend}")

@@ -81,7 +81,8 @@ def class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
     and the fix for a folder that is missing, empty, of one class, or with a class of too few photos."""
     layout = f"put each class's photos in a folder of its own inside it ({folder}/shirt/, {folder}/shoes/, ...)"
     if not folder.is_dir():
-        raise UserError(f"--finetune {folder}: no such folder; {layout}")
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"--finetune {folder}: {what}; {layout}")
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"--finetune {folder} holds no class folders; {layout}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,17 @@ def test_mirrored_on_jax_is_data_parallel_over_two_cpu_devices_and_matches_one_d
 ])
 def test_only_tensorflow_startup_lines_below_the_log_level_are_dropped(line: str, level: int, noise: bool) -> None:
     assert backends.is_startup_noise(line, level) is noise
+
+
+@pytest.mark.skipif(not HAS_JAX, reason="jax is not installed")
+@pytest.mark.parametrize("before", [None, "--xla_dump_to=/tmp/x"])
+def test_jax_is_asked_for_deterministic_gpu_ops_and_other_xla_flags_are_kept(monkeypatch: pytest.MonkeyPatch,
+                                                                           before: str | None) -> None:
+    if before is None:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
+    else:
+        monkeypatch.setenv("XLA_FLAGS", before)
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    with contextlib.suppress(common.UserError):  # Keras may be loaded on TensorFlow in this process already
+        backends.use_backend("jax")
+    assert os.environ["XLA_FLAGS"].split() == [*([before] if before else []), backends.DETERMINISTIC_XLA]

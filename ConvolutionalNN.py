@@ -14,7 +14,7 @@ report the mean and spread, ``--ray`` spreads the runs over a Ray cluster; ``--p
 classifies your own images, and ``--finetune`` teaches the trained network your own photos.
 
 With the defaults it tests above 93.5% (mean over seeds 0-2; the original project: 92%),
-in 7 to 50 minutes a run on a 2-core CPU (AMX to AVX2-only), 72 s on an NVIDIA H200 with
+in 7 to 50 minutes a run on a 2-core CPU (AMX to AVX2-only), 73 s on an NVIDIA H200 with
 --backend jax. The figures, the machine and commit of each, and how to reproduce it:
 README.md and the dated log docs/RESULTS.md.
 

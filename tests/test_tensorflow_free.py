@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from PIL import Image
 from conftest import REPO, TINY, class_image, run_cli
 from test_journal import LEVERS, stop_in_epoch
 
-WITHOUT_TENSORFLOW = {"PYTHONPATH": str(REPO / "tests" / "without_tensorflow")}
+WITHOUT_TENSORFLOW = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "without_tensorflow"),
+                                                                  os.environ.get("PYTHONPATH")]))}
 # float32: exact comparisons; 3 epochs of 20 steps with every lever that keys draws by (seed, epoch)
 JAX_RUN = [*TINY, "--backend", "jax", "--precision", "float32", "--epochs", "3", "--limit", "800", *LEVERS]
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")

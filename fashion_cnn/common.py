@@ -34,6 +34,11 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+def setting_defaults(cfg: Settings) -> dict[str, Any]:
+    """The default of each of cfg's settings, by field name: what a run gets where no flag is given."""
+    return {field.name: field.default for field in dataclasses.fields(cfg)}
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message, cut to its first line."""
     text = str(e).strip() or type(e).__name__

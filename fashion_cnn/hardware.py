@@ -7,7 +7,6 @@ Needs Keras (fashion_cnn.backends); reads /proc and cgroups on Linux, and says n
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_cnn.backends import backend_name, import_keras, import_tensorflow
-from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE, Settings, UserError, first_line
+from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE, Settings, UserError, first_line, setting_defaults
 
 KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # oneDNN runs bfloat16 convolutions fast only with these
@@ -60,7 +59,7 @@ def check_memory(cfg: Settings, available: int | None) -> None:
         return
     sizes = {"filters": "--filters", "dense_units": "--dense-units", "batch_size": "--batch-size",
              "kernel_size": "--kernel-size"}
-    defaults = {field.name: field.default for field in dataclasses.fields(cfg)}
+    defaults = setting_defaults(cfg)
     flags = [f"{flag} {getattr(cfg, key)}" for key, flag in sizes.items() if getattr(cfg, key) != defaults[key]]
     parts = ", ".join(f"{what} {gigabytes(size)}" for what, size in need.items() if size)
     raise UserError(f"{' '.join(flags) or 'this network'} needs about {gigabytes(sum(need.values()))} of memory to "

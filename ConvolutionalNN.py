@@ -70,6 +70,7 @@ from fashion_cnn.common import (
     Arrays,
     TrainResult,
     UserError,
+    confusion_and_per_class,
     epochs_done,
     first_line,
     how_it_ended,
@@ -795,16 +796,13 @@ class Evaluation:
 
 def evaluate(model: Any, data: Dataset, cfg: Config) -> Evaluation:
     """Evaluate on the test set: loss, accuracy, per-class accuracy, confusion matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
+    from sklearn.metrics import accuracy_score, log_loss
 
-    labels = range(len(CLASS_NAMES))
     probabilities = class_probabilities(model, data.x_test, test_time_augmentation(cfg))
     predicted = probabilities.argmax(axis=1)
-    confusion = confusion_matrix(data.y_test, predicted, labels=labels)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-    return Evaluation(float(log_loss(data.y_test, probabilities, labels=labels)),
-                      float(accuracy_score(data.y_test, predicted)),
-                      dict(zip(CLASS_NAMES, map(float, per_class))), confusion, predicted)
+    confusion, per_class = confusion_and_per_class(data.y_test, predicted, CLASS_NAMES)
+    return Evaluation(float(log_loss(data.y_test, probabilities, labels=range(len(CLASS_NAMES)))),
+                      float(accuracy_score(data.y_test, predicted)), per_class, confusion, predicted)
 
 
 def print_evaluation(ev: Evaluation, tta: dict[str, bool] | None) -> None:

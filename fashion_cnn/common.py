@@ -1,6 +1,7 @@
-"""What every part of the program shares: the classes, the error a user can fix, and how a training run ended.
+"""What every part of the program shares: the classes, the error a user can fix, how a training run ended, and
+how a model's answers are scored by class.
 
-Needs NumPy only. ConvolutionalNN.py and every module of the package may import it; it imports none of them.
+Needs NumPy (scikit-learn for the scoring, imported when asked for). ConvolutionalNN.py and every module of the package may import it; it imports none of them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ class UserError(Exception):
 def setting_defaults(cfg: Settings) -> dict[str, Any]:
     """The default of each of cfg's settings, by field name: what a run gets where no flag is given."""
     return {field.name: field.default for field in dataclasses.fields(cfg)}
+
+
+def confusion_and_per_class(truth: np.ndarray, predicted: np.ndarray, names: tuple[str, ...]
+                            ) -> tuple[np.ndarray, dict[str, float]]:
+    """The confusion matrix of the answers (rows: true class) and each class's accuracy, by name."""
+    from sklearn.metrics import confusion_matrix
+
+    confusion = confusion_matrix(truth, predicted, labels=range(len(names)))
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    return confusion, dict(zip(names, map(float, per_class), strict=True))
 
 
 def first_line(e: BaseException) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 
 from fashion_cnn import plots
 from fashion_cnn.backends import import_keras, library_versions, on_keras
-from fashion_cnn.common import Settings, UserError, setting_defaults
+from fashion_cnn.common import Settings, UserError, confusion_and_per_class, setting_defaults
 from fashion_cnn.journal import TrainingInterrupted, stop_requests
 from fashion_cnn.model_file import load_trained_model, save_model
 from fashion_cnn.outputs import check_writable, output_set, write_json
@@ -205,15 +205,11 @@ def adapted_network(keras: Any, base: Any, classes: int) -> Any:
 
 def held_out_report(model: Any, photos: Photos, held: np.ndarray) -> dict[str, Any]:
     """Accuracy, per-class accuracy and confusion matrix on the held-out photos, and the unsure cut chosen there."""
-    from sklearn.metrics import confusion_matrix
-
     probabilities = class_probabilities(model, photos.images[held], TTA)
     truth, predicted = photos.labels[held], probabilities.argmax(axis=1)
-    confusion = confusion_matrix(truth, predicted, labels=range(len(photos.classes)))
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    confusion, per_class = confusion_and_per_class(truth, predicted, photos.classes)
     report = {"held_out_photos": int(held.sum()), "held_out_accuracy": float(np.mean(predicted == truth)),
-              "per_class_held_out_accuracy": dict(zip(photos.classes, map(float, per_class))),
-              "confusion": confusion, "unsure_above": unsure_cut(1 - probabilities.max(axis=1), predicted == truth)}
+              "per_class_held_out_accuracy": per_class, "confusion": confusion, "unsure_above": unsure_cut(1 - probabilities.max(axis=1), predicted == truth)}
     print(f"\nHeld-out photos: {report['held_out_photos']}; right class: {report['held_out_accuracy']:.1%}")
     for name, accuracy in report["per_class_held_out_accuracy"].items():
         print(f"  {name:<16} {accuracy:7.1%}")

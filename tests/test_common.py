@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fashion_cnn import common
@@ -37,3 +38,10 @@ def test_an_error_is_told_by_its_first_line_or_its_type() -> None:
     assert common.first_line(KeyError()) == "KeyError"
     assert common.UserError("no model").exit_code == common.EXIT_FAILURE
     assert common.UserError("bad flag", common.EXIT_USAGE).exit_code == 2
+
+
+def test_answers_are_scored_by_class_with_a_class_never_seen_at_zero() -> None:
+    confusion, per_class = common.confusion_and_per_class(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]),
+                                                          ("a", "b", "c"))
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
+    assert per_class == {"a": 0.5, "b": 1.0, "c": 0.0}

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from fashion_cnn import plots
-from fashion_cnn.backends import BACKENDS, import_keras, library_versions, on_keras, use_backend
+from fashion_cnn.backends import BACKENDS, backend_name, import_keras, library_versions, on_keras, use_backend
 from fashion_cnn.common import (
     BEST_MONITOR,
     CLASS_NAMES,
@@ -648,7 +648,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
           handle_signals: bool = True) -> TrainResult:
     """Train one model at rate lr with seed (or resume it from folder); it ends holding its best epoch's weights."""
     precision, why = set_precision(cfg.precision)
-    print(f"Backend: {import_keras().backend.backend()}; precision: {precision} ({why})", flush=True)
+    print(f"Backend: {backend_name()}; precision: {precision} ({why})", flush=True)
     seed_everything(seed)
     state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
     with distribution_scope(cfg.distribute):

@@ -25,6 +25,41 @@ from fashion_cnn.tta import class_probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 
+# A photo unlike what the network learned spreads its probability over classes, or gets another class when read
+# stretched (read_photos). Of the scores measured on the tuning part of real-clothes-dev (top probability,
+# margin, entropy, a PCA residual of the 28x28 input, the features' Mahalanobis distance from the training
+# classes, the two readings' agreement), 1 - the class's probability split right from wrong answers best, taken
+# from the less sure of the two readings where the stretched one was kept; the cut was set there
+# (docs/RESULTS.md).
+SURE_AS_PHOTOGRAPHED = 0.6  # a wide photo read at least this sure as photographed keeps that reading
+UNSURE_ABOVE = 0.54         # unsure when the class has less than 1 - this (in either reading)
+UNSURE_NOTE = "unsure: looks unlike the data set's product photos"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelClasses:
+    """What a saved model's outputs mean: Fashion-MNIST's classes, or the folders of the photos it was adapted to
+    (--finetune), with the unsure cut chosen on its held-out photos."""
+
+    names: tuple[str, ...] = CLASS_NAMES
+    unsure_above: float = UNSURE_ABOVE
+    adapted: bool = False
+
+    @classmethod
+    def of(cls, notes: dict[str, Any]) -> ModelClasses:
+        """The classes a model's notes (fashion_cnn.model_file) name."""
+        if "class_names" not in notes:
+            return cls()
+        return cls(tuple(notes["class_names"]), float(notes.get("unsure_above", UNSURE_ABOVE)), adapted=True)
+
+    @property
+    def unsure_note(self) -> str:
+        """What an unsure answer's line says."""
+        return "unsure: looks unlike the photos it was taught" if self.adapted else UNSURE_NOTE
+
+
+FASHION_MNIST = ModelClasses()  # what a model trained by ConvolutionalNN.py answers in
+
 
 def predict(cfg: Settings) -> int:
     """Classify each image (averaging over test-time copies if the model was trained with --tta); print top-3
@@ -61,7 +96,7 @@ def predict(cfg: Settings) -> int:
     return 0
 
 
-def print_classifications(results: list[dict[str, Any]], pictures: Path, unsure_note: str = "") -> None:
+def print_classifications(results: list[dict[str, Any]], pictures: Path, unsure_note: str = UNSURE_NOTE) -> None:
     """One line per image: its class and probability, what was done to read it, and the next two classes."""
     for r in results:
         note = " (inverted: light background)" if r["inverted"] else ""
@@ -72,7 +107,7 @@ def print_classifications(results: list[dict[str, Any]], pictures: Path, unsure_
         if not r["item_found"]:
             note += " (no item stood out from the background: the whole picture was used)"
         others = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top3"][1:])
-        unsure = f" ({unsure_note or UNSURE_NOTE})" if r["unsure"] else ""
+        unsure = f" ({unsure_note})" if r["unsure"] else ""
         print(f"{r['file']}: {r['class']} {r['probability']:.1%}{unsure}{note}  [next: {others}]")
     if results:
         print(f"What the network saw: {pictures}/")
@@ -83,7 +118,7 @@ FOOTWEAR = tuple(CLASS_NAMES.index(name) for name in ("Sandal", "Sneaker", "Ankl
 
 
 def read_photos(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | None,
-                classes: ModelClasses | None = None) -> tuple[np.ndarray, list[NetworkInput]]:
+                classes: ModelClasses = FASHION_MNIST) -> tuple[np.ndarray, list[NetworkInput]]:
     """The class probabilities of each input, and the inputs as read. A 28x28 image is read as it is, exactly as
     the test evaluation reads it. A photo is read as photographed and mirrored: the mirrored reading is kept when
     it is a shoe and more confident (a shoe pointing right; averaging both readings, or keeping the more
@@ -94,7 +129,7 @@ def read_photos(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | N
     """
     batch = np.stack([seen.pixels for seen in inputs])[..., np.newaxis]
     probabilities = class_probabilities(model, batch, tta)
-    if classes is not None and classes.adapted:
+    if classes.adapted:
         return probabilities, list(inputs)
     photos = [i for i, seen in enumerate(inputs) if seen.photo]
     read = list(inputs)
@@ -118,11 +153,10 @@ def read_photos(model: Any, inputs: list[NetworkInput], tta: dict[str, bool] | N
     return probabilities, read
 
 
-def classification(path: Path, probs: np.ndarray, seen: NetworkInput, classes: ModelClasses | None = None
+def classification(path: Path, probs: np.ndarray, seen: NetworkInput, classes: ModelClasses = FASHION_MNIST
                    ) -> dict[str, Any]:
     """One image's result: the top class, its probability, the top 3, whether the network is unsure (and the
     score that says so), whether the image was inverted, mirrored or stretched, and where the item was found."""
-    classes = classes or ModelClasses()
     top = np.argsort(probs)[::-1][:3]
     score = unsure_score(probs, seen.other_reading)
     return {"file": str(path), "class": classes.names[top[0]], "probability": float(probs[top[0]]),
@@ -131,39 +165,6 @@ def classification(path: Path, probs: np.ndarray, seen: NetworkInput, classes: M
             "inverted": seen.inverted, "mirrored": seen.mirrored, "stretched": seen.stretched,
             "as_photographed": seen.as_photographed, "item_found": seen.item_found,
             "crop_box": list(seen.box) if seen.box else None}
-
-
-# A photo unlike what the network learned spreads its probability over classes, or gets another class when read
-# stretched (read_photos). Of the scores measured on the tuning part of real-clothes-dev (top probability,
-# margin, entropy, a PCA residual of the 28x28 input, the features' Mahalanobis distance from the training
-# classes, the two readings' agreement), 1 - the class's probability split right from wrong answers best, taken
-# from the less sure of the two readings where the stretched one was kept; the cut was set there
-# (docs/RESULTS.md).
-SURE_AS_PHOTOGRAPHED = 0.6  # a wide photo read at least this sure as photographed keeps that reading
-UNSURE_ABOVE = 0.54         # unsure when the class has less than 1 - this (in either reading)
-UNSURE_NOTE = "unsure: looks unlike the data set's product photos"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelClasses:
-    """What a saved model's outputs mean: Fashion-MNIST's classes, or the folders of the photos it was adapted to
-    (--finetune), with the unsure cut chosen on its held-out photos."""
-
-    names: tuple[str, ...] = CLASS_NAMES
-    unsure_above: float = UNSURE_ABOVE
-    adapted: bool = False
-
-    @classmethod
-    def of(cls, notes: dict[str, Any]) -> ModelClasses:
-        """The classes a model's notes (fashion_cnn.model_file) name."""
-        if "class_names" not in notes:
-            return cls()
-        return cls(tuple(notes["class_names"]), float(notes.get("unsure_above", UNSURE_ABOVE)), adapted=True)
-
-    @property
-    def unsure_note(self) -> str:
-        """What an unsure answer's line says."""
-        return "unsure: looks unlike the photos it was taught" if self.adapted else UNSURE_NOTE
 
 
 def unsure_score(probs: np.ndarray, other_reading: np.ndarray | None = None) -> float:

@@ -96,11 +96,12 @@ def use_task_cpus() -> None:
     import ray
 
     cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    if backend_name() == "torch":
+    backend = backend_name()
+    if backend == "torch":
         import torch
 
         torch.set_num_threads(cpus)
-    if backend_name() != "tensorflow":
+    if backend != "tensorflow":
         return
     tf = import_tensorflow()
     with contextlib.suppress(RuntimeError):  # a reused worker process has set them already

@@ -15,15 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from fashion_cnn.backends import import_keras, import_tensorflow, on_keras
+from fashion_cnn.backends import backend_name, import_keras, import_tensorflow, on_keras
 from fashion_cnn.common import CLASS_NAMES, ERASE_AREA, ERASE_ASPECT, IMAGE_SIDE, Settings
 
 
 def seed_everything(seed: int) -> None:
     """Same seed, same machine, same flags: the same run."""
-    keras = import_keras()
-    keras.utils.set_random_seed(seed)
-    if keras.backend.backend() == "tensorflow":
+    import_keras().utils.set_random_seed(seed)
+    if backend_name() == "tensorflow":
         import_tensorflow().config.experimental.enable_op_determinism()
 
 
@@ -34,7 +33,7 @@ def epoch_streams(cfg: Settings, x: np.ndarray, y: np.ndarray, seed: int, model:
     gives the same batch order every epoch (or, on a PyDataset, an unseeded one), and BackupAndRestore saves
     neither that nor the dropout layers' random state; keyed by epoch, every epoch gets a new order and new masks,
     and a resumed run sees exactly the batches and masks the uninterrupted run would have."""
-    if import_keras().backend.backend() == "tensorflow":
+    if backend_name() == "tensorflow":
         from fashion_cnn.tf_streams import tf_batches
 
         batches, set_epoch = tf_batches(cfg, x, y, seed)
@@ -70,7 +69,8 @@ class EpochBatches:
     def __init__(self, cfg: Settings, x: np.ndarray, y: np.ndarray, seed: int, classes: int = len(CLASS_NAMES)
                  ) -> None:
         super().__init__()  # one worker, no processes: each batch is made when fit() asks for it
-        self.images, self.labels, self.seed, self.classes = x, y, seed, classes
+        self.images, self.labels, self.seed = x, y, seed
+        self.one_hot = np.eye(classes, dtype=np.float32)  # row k: the label of class k
         self.batch_size, self.shift, self.flip, self.erase = cfg.batch_size, cfg.shift, cfg.flip, cfg.erase
         self.set_epoch(0)
 
@@ -86,7 +86,7 @@ class EpochBatches:
         picked = self.order[number * self.batch_size:(number + 1) * self.batch_size]
         draws = np.random.default_rng([self.seed, self.epoch, number])
         images = augmented(self.images[picked], draws, self.shift, self.flip, self.erase)
-        return images, np.eye(self.classes, dtype=np.float32)[self.labels[picked]]
+        return images, self.one_hot[self.labels[picked]]
 
 
 def augmented(images: np.ndarray, draws: np.random.Generator, shift: int, flip: bool, erase: float) -> np.ndarray:

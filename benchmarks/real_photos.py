@@ -168,14 +168,17 @@ def right_folders(held: dict[str, list[Path]], results: dict[str, dict], zero_sh
 
 
 def untrained_model(path: Path) -> Path:
-    """The default network with random weights, saved as --finetune reads a base model."""
+    """The default network with random weights drawn from seed 0 (the same each run), saved as --finetune reads a
+    base model."""
     import ConvolutionalNN as cnn
     from fashion_cnn.backends import use_backend
     from fashion_cnn.model_file import save_model
+    from fashion_cnn.streams import seed_everything
     from fashion_cnn.tta import test_time_augmentation
 
     cfg = cnn.parse_args([])
     use_backend(cfg.backend)
+    seed_everything(cfg.seed)
     save_model(cnn.build_model(cfg, cfg.lr, 1), path, {"test_time_augmentation": test_time_augmentation(cfg)})
     return path
 

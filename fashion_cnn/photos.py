@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fashion_cnn.common import IMAGE_SIDE
+from fashion_cnn.common import IMAGE_SIDE, UserError
 from fashion_cnn.decode import open_image
 
 
@@ -54,6 +56,45 @@ def to_network_input(path: Path) -> NetworkInput:
     if inverted:
         pixels = np.asarray(ImageOps.invert(gray), dtype=np.uint8)
     return NetworkInput(pixels, inverted=inverted, box=None, item_found=True, photo=False, preview=img)
+
+
+PHOTOS_PER_THREAD = 8  # fewer photos than this for each core are read one after another
+
+
+def read_all(paths: Sequence[Path], per_thread: int = PHOTOS_PER_THREAD) -> Iterator[tuple[Path, NetworkInput | str]]:
+    """Each file read by to_network_input, in order, as it is read; an unreadable one as its one-line error. A
+    photo takes a tenth of a second or more on one core, mostly in OpenCV and NumPy, which let go of Python's lock:
+    many are read in a thread for each core, 1.9 times as fast on 2 cores (benchmarks/photo_reading.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = min(cores, len(paths) // per_thread)
+    if threads < 2:
+        yield from ((path, read_or_error(path)) for path in paths)
+        return
+    # One thread each for OpenCV's and the BLAS libraries' own pools while the readers run: their idle threads
+    # spin against the readers (1.3 times one thread's speed on 2 cores, instead of 1.9 times).
+    opencv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
+            try:
+                yield from zip(paths, pool.map(read_or_error, paths))
+            finally:  # Ctrl-C or an error: the photos not yet started are dropped, not read
+                pool.shutdown(cancel_futures=True)
+    finally:
+        cv2.setNumThreads(opencv_threads)
+
+
+def read_or_error(path: Path) -> NetworkInput | str:
+    """to_network_input(path), or its one-line error."""
+    try:
+        return to_network_input(path)
+    except UserError as e:
+        return str(e)
 
 
 # Photos to Fashion-MNIST. Zalando made each image of the data set from a product photo on a plain background:

@@ -20,7 +20,7 @@ import numpy as np
 from fashion_cnn.common import CLASS_NAMES, EXIT_FAILURE, Settings, UserError
 from fashion_cnn.model_file import load_trained_model
 from fashion_cnn.outputs import atomic_path, check_writable
-from fashion_cnn.photos import NetworkInput, to_network_input
+from fashion_cnn.photos import NetworkInput, read_all
 from fashion_cnn.tta import class_probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -70,12 +70,12 @@ def predict(cfg: Settings) -> int:
     tta, classes = notes.get("test_time_augmentation"), ModelClasses.of(notes)
     check_writable(cfg.plots_dir / "predict")
     decoded, failed = [], 0
-    for path in image_files(cfg.predict):
-        try:
-            decoded.append((path, to_network_input(path)))
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+    for path, seen in read_all(image_files(cfg.predict)):
+        if isinstance(seen, str):
+            print(f"error: {seen}", file=sys.stderr)
             failed += 1
+        else:
+            decoded.append((path, seen))
     results = []
     if decoded:
         probabilities, read = read_photos(model, [seen for _, seen in decoded], tta, classes)

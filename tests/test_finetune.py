@@ -132,6 +132,22 @@ def test_ctrl_c_while_adapting_leaves_nothing_half_written(tmp_path: Path, train
     assert list((tmp_path / "plots").iterdir()) == [], "no curves, no metrics, no model"
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_reading_the_photos_stops_at_once_and_writes_nothing(tmp_path: Path, trained: dict) -> None:
+    """Large photos are read in a thread for each core; Ctrl-C there stops the call, with nothing written."""
+    teach = draw_photos(tmp_path / "teach", count=24, side=400)
+    base = tmp_path / "base.keras"
+    shutil.copy(trained["model"], base)
+    proc = start_cli(*finetune_flags(teach, base, tmp_path / "plots"))
+    wait_for_line(proc, "Reading photos: ")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Interrupted; earlier outputs are untouched." in stderr
+    assert "Traceback" not in stderr and "Reading photos: 72 of 72" not in stdout, "stopped before the end"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.keras", "plots", "teach"]
+    assert list((tmp_path / "plots").iterdir()) == [], "no curves, no metrics, no model"
+
+
 @pytest.mark.parametrize(("make", "said"), [
     (lambda d: d, "no such folder; put each class's photos in a folder of its own inside it"),
     (lambda d: d.mkdir() or d, "holds no class folders"),
@@ -191,3 +207,23 @@ def test_each_class_holds_out_its_share_and_at_least_one_photo() -> None:
     held = finetune.held_out(labels, seed=0)
     assert [int(held[labels == k].sum()) for k in range(3)] == [1, 3, 6]
     assert (finetune.held_out(labels, seed=0) == held).all() and (finetune.held_out(labels, seed=1) != held).any()
+
+
+@pytest.mark.slow
+def test_the_new_last_layer_starts_out_naming_the_photos_classes(trained: dict) -> None:
+    """Imprinted, the adapted network names the classes of its photos before any training; a random new layer
+    would name a third of them."""
+    from fashion_cnn import finetune
+    from fashion_cnn.backends import import_keras
+    from fashion_cnn.model_file import load_trained_model
+
+    keras = import_keras()
+    base, _ = load_trained_model(trained["model"])
+    model = finetune.adapted_network(keras, base, len(FOLDERS))
+    labels = np.repeat(np.arange(len(FOLDERS)), 6)
+    images = np.stack([class_image(list(FOLDERS.values())[k], seed=50 + i) for i, k in enumerate(labels)])[..., None]
+    weights, biases = finetune.imprinted_head(keras, model, images, labels, len(FOLDERS))
+    assert np.allclose(np.linalg.norm(weights, axis=0), finetune.IMPRINT_LENGTH) and not biases.any()
+    model.layers[-1].set_weights([weights, biases])
+    new = np.stack([class_image(list(FOLDERS.values())[k], seed=900 + i) for i, k in enumerate(labels)])[..., None]
+    assert (model.predict(new, verbose=0).argmax(axis=1) == labels).mean() >= 0.9

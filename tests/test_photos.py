@@ -128,3 +128,17 @@ def test_a_picture_with_nothing_on_it_is_used_whole_and_says_so(tmp_path: Path) 
     seen = photos.to_network_input(save_image(tmp_path / "wall.png", Image.fromarray(flat)))
     assert not seen.item_found and seen.box is None and seen.pixels.shape == (28, 28)
     assert np.ptp(seen.pixels[4:-4, 7:-7]) < 25, "nothing to see is an even square, not a bright texture"
+
+
+def test_many_photos_are_read_on_every_core_in_order_and_as_one_at_a_time(tmp_path: Path) -> None:
+    """read_all in threads gives what reading each file here gives, in the files' order, with an
+    unreadable file as its one-line error in its place."""
+    files = [save_image(tmp_path / f"photo{label}.jpg", rendered_photo(label, seed=label)[0], quality=90)
+             for label in range(4)]
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    files.insert(2, tmp_path / "broken.jpg")
+    read = list(photos.read_all(files, per_thread=1))
+    assert [path for path, _ in read] == files
+    assert isinstance(read[2][1], str) and "broken.jpg" in read[2][1] and "\n" not in read[2][1]
+    for path, seen in read[:2] + read[3:]:
+        assert (seen.pixels == photos.to_network_input(path).pixels).all() and seen.box == crop_of(path)

@@ -25,7 +25,7 @@ from fashion_cnn.common import Settings, UserError, confusion_and_per_class, set
 from fashion_cnn.journal import TrainingInterrupted, stop_requests
 from fashion_cnn.model_file import load_trained_model, save_model
 from fashion_cnn.outputs import check_writable, output_set, write_json
-from fashion_cnn.photos import read_all
+from fashion_cnn.photos import read_all, require_opencv
 from fashion_cnn.predict import IMAGE_SUFFIXES
 from fashion_cnn.streams import EpochBatches, epoch_starter, seed_everything
 from fashion_cnn.tta import class_probabilities
@@ -55,6 +55,7 @@ def finetune(cfg: Settings) -> int:
     """Read the folder's photos, adapt the model at --model-path to their classes, report on the held-out photos,
     and save the adapted model with its curves, confusion matrix and metrics; the exit code."""
     folder = cfg.finetune
+    require_opencv("--finetune")
     class_files, ignored = class_folders(folder)
     target, out = finetuned_path(cfg), cfg.plots_dir / f"finetune-{folder.resolve().name}"
     base, _ = load_trained_model(cfg.model_path)

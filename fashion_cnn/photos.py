@@ -8,6 +8,7 @@ Needs NumPy, SciPy, Pillow and OpenCV; decoding the file is fashion_cnn.decode's
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -56,6 +57,12 @@ def to_network_input(path: Path) -> NetworkInput:
     if inverted:
         pixels = np.asarray(ImageOps.invert(gray), dtype=np.uint8)
     return NetworkInput(pixels, inverted=inverted, box=None, item_found=True, photo=False, preview=img)
+
+
+def require_opencv(flag: str) -> None:
+    """One line, before any photo is read, where OpenCV is missing (photos need its GrabCut)."""
+    if importlib.util.find_spec("cv2") is None:
+        raise UserError(f"{flag} needs OpenCV to find the item in a photo: pip install -r requirements.txt")
 
 
 PHOTOS_PER_THREAD = 8  # fewer photos than this for each core are read one after another

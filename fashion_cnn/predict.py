@@ -7,7 +7,6 @@ Needs Keras, Pillow and (for photos) OpenCV and SciPy; reading each image is fas
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import sys
@@ -17,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from fashion_cnn.common import CLASS_NAMES, EXIT_FAILURE, Settings, UserError
+from fashion_cnn.common import CLASS_NAMES, EXIT_FAILURE, Settings
 from fashion_cnn.model_file import load_trained_model
 from fashion_cnn.outputs import atomic_path, check_writable
-from fashion_cnn.photos import NetworkInput, read_all
+from fashion_cnn.photos import NetworkInput, read_all, require_opencv
 from fashion_cnn.tta import class_probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -64,8 +63,7 @@ FASHION_MNIST = ModelClasses()  # what a model trained by ConvolutionalNN.py ans
 def predict(cfg: Settings) -> int:
     """Classify each image (averaging over test-time copies if the model was trained with --tta); print top-3
     classes (or JSON) and draw what the network saw under --plots-dir; exit 1 if any file failed."""
-    if importlib.util.find_spec("cv2") is None:  # photos need GrabCut; say so once, not once a file
-        raise UserError("--predict needs OpenCV to find the item in a photo: pip install -r requirements.txt")
+    require_opencv("--predict")  # once, not once a file
     model, notes = load_trained_model(cfg.model_path)
     tta, classes = notes.get("test_time_augmentation"), ModelClasses.of(notes)
     check_writable(cfg.plots_dir / "predict")

@@ -4,6 +4,7 @@ users have, and what --predict then says."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import signal
@@ -171,6 +172,14 @@ def test_without_a_base_model_or_with_a_broken_one_it_says_how_to_get_one(tmp_pa
     ran = call_main("--finetune", teach, "--model-path", tmp_path / "m.keras", "--plots-dir", tmp_path / "plots")
     assert ran.returncode == 1 and "is not a readable Keras model file" in ran.stderr
     assert not (tmp_path / "plots").exists() and not (tmp_path / "m_teach.keras").exists()
+
+
+def test_without_opencv_it_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "cv2" else find_spec(name))
+    ran = call_main("--finetune", draw_photos(tmp_path / "teach", count=5), "--model-path", tmp_path / "m.keras")
+    assert ran.returncode == 1 and ran.stderr == ("error: --finetune needs OpenCV to find the item in a photo: "
+                                                  "pip install -r requirements.txt\n")
 
 
 def test_the_adapted_model_never_replaces_the_base(tmp_path: Path) -> None:

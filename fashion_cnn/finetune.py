@@ -213,7 +213,7 @@ def imprinted_head(keras: Any, model: Any, images: np.ndarray, labels: np.ndarra
     point along the mean of its training photos' features (the last hidden layer's output, for each photo and its
     mirror), IMPRINT_LENGTH long, with zero biases. The network starts out naming each photo's nearest class
     mean, instead of from a random layer whose first steps pull the learned features about (docs/RESULTS.md:
-    +2 points on real photos, the length chosen by cross-validation)."""
+    +0.4 to +2.4 points on real photos, the length chosen by cross-validation)."""
     hidden = keras.Sequential([keras.Input(shape=images.shape[1:], dtype="uint8"), *model.layers[:-1]])
     features = np.mean([np.asarray(hidden.predict(view, batch_size=512, verbose=0), np.float32)
                         for view in (images, images[:, :, ::-1])], axis=0)

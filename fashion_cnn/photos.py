@@ -1,8 +1,8 @@
 """Reading a picture as a 28x28 image like Fashion-MNIST: a 28x28 image as it is; a photo by finding the item
 against its background (GrabCut where it touches the edges), cropping to it, and doing what Zalando did to make
-the data set from product photos.
+the data set from product photos; many pictures read in a thread for each core (read_all).
 
-Needs NumPy, SciPy, Pillow and OpenCV; decoding the file is fashion_cnn.decode's work.
+Needs NumPy, SciPy, Pillow, OpenCV and threadpoolctl; decoding the file is fashion_cnn.decode's work.
 """
 
 from __future__ import annotations

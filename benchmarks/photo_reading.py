@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
 """How fast photos are read as the network sees them (fashion_cnn.photos.read_all, what --predict and --finetune
-do first): one after another, against a thread for each core, taking turns, and the
-median of each:
+do first): one after another, against a thread for each core, taking turns, and the median of each:
 
     python3 benchmarks/photo_reading.py ../shared/data/real-clothes-dev --repeats 3
 
@@ -12,7 +11,6 @@ every photo both ways, the order of the two alternating, and checks that both re
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 
 SCRIPT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(SCRIPT_DIR))
-from fashion_cnn.photos import read_all
+from fashion_cnn.photos import read_all, usable_cores
 from fashion_cnn.predict import IMAGE_SUFFIXES
 
 WAYS = {"one thread": 10**9, "every core": 1}  # photos a thread must have before another is started
@@ -47,8 +45,7 @@ def main() -> int:
     if not files:
         print(f"error: no images in {args.folder}", file=sys.stderr)
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"{len(files)} photos in {args.folder}; {cores} cores")
+    print(f"{len(files)} photos in {args.folder}; {usable_cores()} cores")
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     for repeat in range(args.repeats):
         order = list(WAYS) if repeat % 2 == 0 else list(WAYS)[::-1]

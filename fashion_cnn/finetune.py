@@ -125,16 +125,17 @@ def finetuned_path(cfg: Settings) -> Path:
 
 def read_class_photos(class_files: dict[str, list[Path]], ignored: dict[str, int], folder: Path) -> Photos:
     """Every photo read as --predict reads it, with progress; an unreadable one is one line on stderr and skipped."""
-    files = [(label, path) for label, paths in enumerate(class_files.values()) for path in paths]
+    paths = [path for class_paths in class_files.values() for path in class_paths]
+    path_labels = [label for label, class_paths in enumerate(class_files.values()) for _ in class_paths]
     images, labels, unreadable = [], [], 0
-    for done, ((label, _), (_, seen)) in enumerate(zip(files, read_all([path for _, path in files]), strict=True), 1):
+    for done, (label, (_, seen)) in enumerate(zip(path_labels, read_all(paths), strict=True), 1):
         if isinstance(seen, str):
             print(f"\nerror: {seen} (skipped)" if sys.stdout.isatty() else f"error: {seen} (skipped)", file=sys.stderr)
             unreadable += 1
         else:
             images.append(seen.pixels)
             labels.append(label)
-        show_progress(done, len(files))
+        show_progress(done, len(paths))
     check_class_sizes({name: labels.count(k) for k, name in enumerate(class_files)}, folder)
     passed_over = ", ".join(f"{n} {what}" for what, n in ignored.items() if n)
     print(f"Photos: {len(labels)} in {len(class_files)} classes ({', '.join(class_files)})"

@@ -77,8 +77,7 @@ def read_all(paths: Sequence[Path], per_thread: int = PHOTOS_PER_THREAD) -> Iter
     import cv2
     from threadpoolctl import threadpool_limits
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = min(cores, len(paths) // per_thread)
+    threads = min(usable_cores(), len(paths) // per_thread)
     if threads < 2:
         yield from ((path, read_or_error(path)) for path in paths)
         return
@@ -86,14 +85,18 @@ def read_all(paths: Sequence[Path], per_thread: int = PHOTOS_PER_THREAD) -> Iter
     # spin against the readers (1.3 times one thread's speed on 2 cores, instead of 1.9 times).
     opencv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    pool = ThreadPoolExecutor(threads)
     try:
-        with threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
-            try:
-                yield from zip(paths, pool.map(read_or_error, paths))
-            finally:  # Ctrl-C or an error: the photos not yet started are dropped, not read
-                pool.shutdown(cancel_futures=True)
-    finally:
+        with threadpool_limits(1):
+            yield from zip(paths, pool.map(read_or_error, paths))
+    finally:  # Ctrl-C or an error: the photos not yet started are dropped, not read
+        pool.shutdown(cancel_futures=True)
         cv2.setNumThreads(opencv_threads)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def read_or_error(path: Path) -> NetworkInput | str:

@@ -53,13 +53,22 @@ from typing import Any
 
 import numpy as np
 
-from fashion_cnn import plots
-from fashion_cnn.backends import BACKENDS, backend_name, import_keras, library_versions, on_keras, use_backend
+from fashion_cnn import backends, plots
+from fashion_cnn.backends import (
+    BACKENDS,
+    backend_name,
+    default_backend,
+    import_keras,
+    library_versions,
+    on_keras,
+    use_backend,
+)
 from fashion_cnn.common import (
     BEST_MONITOR,
     CLASS_NAMES,
     DIVERGED,
     ERASE_AREA,
+    EVALUATION_BATCH,
     EXIT_DIVERGED,
     EXIT_FAILURE,
     EXIT_SIGINT,
@@ -79,11 +88,13 @@ from fashion_cnn.common import (
 from fashion_cnn.hardware import (
     available_memory,
     check_memory,
+    compute_device,
     conv_sides,
     distribution_scope,
     out_of_memory_as_error,
     peak_memory_mb,
     set_precision,
+    steps_per_execution,
 )
 from fashion_cnn.journal import (
     RunState,
@@ -212,7 +223,7 @@ class Config:
                              "the fastest this CPU or GPU runs well and says which",
                              choices=("auto", "float32", "bfloat16", "float16"), group="hardware")
     backend: str | None = setting(None, "Keras backend to train and predict on; none given: $KERAS_BACKEND, else "
-                                  "tensorflow (TensorFlow still feeds the batches)", choices=tuple(BACKENDS),
+                                  "tensorflow, else (not installed) jax or torch", choices=tuple(BACKENDS),
                                   group="hardware", resume_must_match=True)
     distribute: str = setting("none", "mirrored: train one run on every local GPU (tf.distribute.MirroredStrategy "
                               "on TensorFlow, keras.distribution.DataParallel on JAX), --batch-size being the global "
@@ -314,7 +325,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 
         if not ray_address_parts(flags.ray):
             parser.error(f"--ray {flags.ray}: give HOST:PORT, auto, or no value for a local Ray instance")
-    flags.backend = flags.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    flags.backend = flags.backend or os.environ.get("KERAS_BACKEND") or default_backend()
     if flags.backend not in BACKENDS:
         parser.error(f"KERAS_BACKEND={flags.backend} is not a backend this script runs on; use {', '.join(BACKENDS)}")
     if flags.distribute != "none" and flags.backend not in ("tensorflow", "jax"):  # not a typo, so exit 1, not 2
@@ -583,7 +594,9 @@ def build_model(cfg: Config, lr: float, steps_per_epoch: int) -> Any:
     adam = on_keras(WarmedUpEMAAdam, "optimizers.Adam") if cfg.ema else keras.optimizers.Adam
     optimizer = adam(schedule, weight_decay=cfg.weight_decay or None, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
     model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                  metrics=["accuracy"])
+                  metrics=["accuracy"],
+                  # several steps per compiled call, so that a step costs no round trip to Python and back
+                  steps_per_execution=steps_per_execution(cfg, steps_per_epoch, compute_device()))
     return model
 
 
@@ -648,7 +661,7 @@ def train(cfg: Config, data: Dataset, lr: float, seed: int, folder: Path, *,
           handle_signals: bool = True) -> TrainResult:
     """Train one model at rate lr with seed (or resume it from folder); it ends holding its best epoch's weights."""
     precision, why = set_precision(cfg.precision)
-    print(f"Backend: {backend_name()}; precision: {precision} ({why})", flush=True)
+    print(f"Backend: {backend_name()}{backends.fallback_note}; precision: {precision} ({why})", flush=True)
     seed_everything(seed)
     state = resume_state(cfg, run_identity(cfg, lr, seed, precision), folder)
     with distribution_scope(cfg.distribute):
@@ -684,18 +697,20 @@ def train_on_node(cfg: Config, lr: float, seed: int) -> tuple[TrainResult, int]:
     return result, math.ceil(len(data.y_train) / cfg.batch_size)
 
 
-def fit(cfg: Config, model: Any, batches: Any, data: Dataset, keeper: RunKeeper, log: Any | None) -> int | None:
-    """model.fit over the epoch streams, validating on data every epoch, with the keeper and (log) TensorBoard's
-    callback; the number of the signal that stopped it, if one did."""
+def fit(cfg: Config, model: Any, batches: Any, data: Dataset, keeper: RunKeeper, log: Any | None,
+        first_epoch: int = 0) -> int | None:
+    """model.fit over the epoch streams from first_epoch, validating on data every epoch, with the keeper and (log)
+    TensorBoard's callback; the number of the signal that stopped it, if one did."""
     keras = import_keras()
+    backup = keras.callbacks.BackupAndRestore(str(keeper.folder / "backup"), double_checkpoint=True)
+    backup.async_safe = True  # it saves at epoch ends only: its per-batch hook must not make each step wait
     callbacks = [keeper,  # first: sees each hook before the others
                  *([keras.callbacks.SwapEMAWeights()] if cfg.ema else []),  # validate the average
                  *([log] if log else []),
-                 keras.callbacks.BackupAndRestore(str(keeper.folder / "backup"), double_checkpoint=True),
-                 keras.callbacks.TerminateOnNaN()]
+                 backup]
     try:
         model.fit(batches, validation_data=(data.x_val, keras.utils.to_categorical(data.y_val, len(CLASS_NAMES))),
-                  validation_batch_size=cfg.batch_size, epochs=cfg.epochs,
+                  validation_batch_size=EVALUATION_BATCH, initial_epoch=first_epoch, epochs=cfg.epochs,
                   shuffle=False,  # the batches come shuffled, per epoch
                   verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in a log file or pipe
                   callbacks=callbacks)
@@ -711,11 +726,12 @@ def fit(cfg: Config, model: Any, batches: Any, data: Dataset, keeper: RunKeeper,
 
 class RunKeeper:
     """The run's own Keras callback (on_keras makes it one). Before each epoch it keys the epoch's batches and
-    dropout masks (start_epoch, from epoch_streams); after each batch it stops the run if a signal came; after each
+    dropout masks (start_epoch, from epoch_streams); before each batch it stops the run if a signal came; after each
     epoch it records the figures, keeps the weights validation measured (with --ema, the average: SwapEMAWeights
     swaps it in for validation) if they are the best so far, and saves all that in folder for --resume
-    (EarlyStopping(restore_best_weights) forgets them on resume). In a study (stops_stalled) it ends a run stalled
-    at chance level."""
+    (EarlyStopping(restore_best_weights) forgets them on resume). It ends a run whose loss is no longer finite,
+    and in a study (stops_stalled) one stalled at chance level. It has no batch-end hook: one (TerminateOnNaN's)
+    makes Keras wait for every step and copy its logs to the host."""
 
     def __init__(self, state: RunState, folder: Path, start_epoch: Callable[[int], None], stop: list[int],
                  stops_stalled: bool) -> None:
@@ -731,7 +747,7 @@ class RunKeeper:
         for values in self.state.history.values():  # a kill between this save and BackupAndRestore's redoes an epoch
             del values[epoch:]
 
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         if self.stop:
             raise TrainingInterrupted(self.stop[0])
 
@@ -748,7 +764,7 @@ class RunKeeper:
             state.best_epoch, state.best_value, state.best_weights = epoch + 1, float(value), self.validated_weights
         state.seconds = self.seconds_before + time.perf_counter() - self.started
         state.save(self.folder)
-        if self.stops_stalled and stalled(state.history):
+        if not healthy or (self.stops_stalled and stalled(state.history)):
             self.model.stop_training = True
 
 

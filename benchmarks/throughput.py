@@ -5,6 +5,12 @@ Run by hand on a quiet machine, not in CI (about 3 minutes an epoch on a 2-core 
 
     python3 benchmarks/throughput.py --data-dir ../shared/data/fashion-mnist
 
+and the per-step cost beyond the arithmetic (issue 48: the network shrunk to 1 filter and 1 dense unit, on JAX,
+about 6 s an epoch on a 2-core CPU):
+
+    python3 benchmarks/throughput.py --data-dir ../shared/data/fashion-mnist --backend jax --shrunk \
+        --variants keras-float32 program --repeats 5
+
 Each variant trains in its own process (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import), warmed up
 on 30 batches; then the variants take turns, one whole epoch each (48,000 training images, then the 12,000
 validation images), for --repeats rounds, so that machine noise hits them alike. Variants:
@@ -17,7 +23,6 @@ validation images), for --repeats rounds, so that machine noise hits them alike.
   program-no-levers  the same without the default's levers (no EMA, label smoothing or shifts): what they cost
   program-bf16    the program's path in mixed bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
   program-float32 the program's path in float32 (what --precision auto gains where it picks bfloat16)
-  program-spe8    the program's path compiled with steps_per_execution=8 (Keras runs 8 steps per call)
   program-numpy   the program's path on TensorFlow fed by the NumPy batches that JAX and PyTorch train on (a
                   keras.utils.PyDataset) instead of tf.data: which feed is faster on TensorFlow
   program-jax     the program's path on Keras's JAX backend (--backend jax; NumPy batches, no TensorFlow: the
@@ -38,11 +43,14 @@ epoch measured anything from 745 to 1,419 images/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,11 +60,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ONEDNN_SET_OUTSIDE = "TF_ENABLE_ONEDNN_OPTS" in os.environ
 import ConvolutionalNN as cnn  # the script lives one folder up; importing it (its backends module) turns oneDNN on
-from fashion_cnn import backends, common, data_files, hardware, streams
+from fashion_cnn import backends, common, data_files, hardware, journal, streams
 
 if sys.argv[1:3] == ["--worker", "keras-float32"] and not ONEDNN_SET_OUTSIDE:
     del os.environ["TF_ENABLE_ONEDNN_OPTS"]  # TensorFlow as it comes (it has not been imported yet)
 
+SHRUNK = ["--filters", "1", "--dense-units", "1"]  # --shrunk: next to no arithmetic, the per-step cost laid bare
 NO_LEVERS = ["--ema", "0", "--label-smoothing", "0", "--shift", "0", "--conv-dropout", "0.25"]  # the old recipe
 VARIANTS = {  # name: (environment it needs, precision, program's path?, extra flags)
     "keras-float32": ({"TF_ENABLE_ONEDNN_OPTS": None}, "float32", False, NO_LEVERS),  # None: TensorFlow decides
@@ -65,12 +74,10 @@ VARIANTS = {  # name: (environment it needs, precision, program's path?, extra f
     "program-no-levers": ({}, "auto", True, NO_LEVERS),
     "program-bf16": ({}, "bfloat16", True, []),
     "program-float32": ({}, "float32", True, []),
-    "program-spe8": ({}, "auto", True, []),
     "program-numpy": ({}, "auto", True, []),
     "program-jax": ({"KERAS_BACKEND": "jax"}, "auto", True, []),
     "program-torch": ({"KERAS_BACKEND": "torch"}, "auto", True, []),
 }
-STEPS_PER_EXECUTION = {"program-spe8": 8}  # variants that run several steps per call; the rest 1
 DEFAULT_VARIANTS = ["keras-float32", "program-eigen", "program", "program-no-levers"]
 
 
@@ -86,15 +93,17 @@ def main() -> int:
                    "the figures are for whole epochs)")
     p.add_argument("--backend", choices=("tensorflow", "jax", "torch"), default="tensorflow",
                    help="the Keras backend of the variants that name none")
+    p.add_argument("--shrunk", action="store_true", help="the same network shrunk to 1 filter and 1 dense unit: "
+                   "what a step costs beyond its arithmetic (Keras's loop, the batch feed, callbacks)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        return worker(a.worker, a.data_dir, a.limit)
+        return worker(a.worker, a.data_dir, a.limit, a.shrunk)
     if not (a.data_dir / data_files.IDX_FILES["train_images"]).exists():
         sys.exit(f"error: no Fashion-MNIST in {a.data_dir}; give --data-dir (the figures need the real data)")
     workers, ready = {}, {}
     for v in a.variants:  # one after another, so that each measures its matmul peak alone
-        workers[v] = start_worker(v, a.data_dir, a.limit, a.backend)
+        workers[v] = start_worker(v, a.data_dir, a.limit, a.backend, a.shrunk)
         ready[v] = read_reply(workers[v])
     epochs: dict[str, list[dict]] = {v: [] for v in a.variants}
     for r in range(a.repeats):
@@ -112,13 +121,15 @@ def main() -> int:
     return 0
 
 
-def start_worker(variant: str, data_dir: Path, limit: int | None, backend: str) -> subprocess.Popen[str]:
+def start_worker(variant: str, data_dir: Path, limit: int | None, backend: str, shrunk: bool
+                 ) -> subprocess.Popen[str]:
     """A process that trains variant one epoch at a time, on request, on backend unless the variant names one."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", KERAS_BACKEND=backend)
     for key, value in VARIANTS[variant][0].items():
         env.pop(key, None) if value is None else env.__setitem__(key, value)
     limit_flag = ["--limit", str(limit)] if limit else []
-    return subprocess.Popen([sys.executable, __file__, "--worker", variant, "--data-dir", str(data_dir), *limit_flag],
+    return subprocess.Popen([sys.executable, __file__, "--worker", variant, "--data-dir", str(data_dir), *limit_flag,
+                             *(["--shrunk"] if shrunk else [])],
                             env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
@@ -155,49 +166,37 @@ def print_table(ready: dict[str, dict], epochs: dict[str, list[dict]]) -> None:
 
 # Worker ------------------------------------------------------------------------------------------------------
 
-def worker(variant: str, data_dir: Path, limit: int | None) -> int:
+def worker(variant: str, data_dir: Path, limit: int | None, shrunk: bool) -> int:
     """Build the variant, warm it up, then train one whole epoch per 'epoch' line on stdin."""
-    cfg, chosen, one_epoch = prepare(variant, data_dir, limit)
+    cfg, chosen, one_epoch = prepare(variant, data_dir, limit, SHRUNK if shrunk else [])
     one_epoch(0, steps=30)  # traces the functions
     reply({"precision": chosen, "onednn": onednn_state(cfg.backend),
-           "peak_gflops": matmul_peak_gflops(chosen), "flops_per_image": training_flops_per_image(cfg)})
+           "peak_gflops": matmul_peak_gflops(chosen), "flops_per_image": hardware.training_flops_per_image(cfg)})
     for epoch, _ in enumerate(sys.stdin, start=1):
         reply(one_epoch(epoch))
     return 0
 
 
-def prepare(variant: str, data_dir: Path, limit: int | None) -> tuple[cnn.Config, str, Callable[..., dict]]:
-    """The variant's settings, the precision it trains in, and its one_epoch(epoch, steps=None): one epoch of fit
-    (only its first `steps` batches, if given), with validation, and its seconds."""
+def prepare(variant: str, data_dir: Path, limit: int | None, sizes: list[str]
+            ) -> tuple[cnn.Config, str, Callable[..., dict]]:
+    """The variant's settings, the precision it trains in, and its one_epoch(epoch, steps=None): one epoch of
+    training with validation, and its seconds (with `steps`: a warm-up of that many steps, untimed)."""
     _, precision, program, extra_flags = VARIANTS[variant]
     flags = ["--precision", precision] if precision != "auto" else []
     flags += ["--data-dir", str(data_dir), *(["--limit", str(limit)] if limit else [])]
-    cfg = cnn.parse_args(flags + extra_flags)
+    cfg = cnn.parse_args(flags + extra_flags + sizes)
     backends.use_backend(cfg.backend)  # KERAS_BACKEND, as the driver set it for this variant
     keras = backends.import_keras()
     chosen, _ = hardware.set_precision(cfg.precision)
     data = cnn.split_data(cnn.load_arrays(cfg)[0], cfg, seed=0)
     streams.seed_everything(0)
     model = cnn.build_model(cfg, cfg.lr, -(-len(data.y_train) // cfg.batch_size))
-    if variant in STEPS_PER_EXECUTION:
-        model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"],
-                      steps_per_execution=STEPS_PER_EXECUTION[variant])
-    y_val = keras.utils.to_categorical(data.y_val, len(common.CLASS_NAMES))
-    if program:
-        x_val, extra = data.x_val, [keras.callbacks.SwapEMAWeights()] if cfg.ema else []
-        batches, start_epoch = program_batches(variant, cfg, data, model)
-        fit = {"x": batches, "shuffle": False}
-    else:
-        model, start_epoch = textbook_model(keras, model), (lambda epoch: None)
-        x_val, y_val, extra = data.x_val.astype(np.float32) / 255, data.y_val, []  # labels: sparse_categorical...
-        fit = {"x": data.x_train.astype(np.float32) / 255, "y": data.y_train, "batch_size": cfg.batch_size,
-               "shuffle": True}
+    train = program_epochs(variant, cfg, data, model) if program else textbook_epochs(keras, cfg, data, model)
 
     def one_epoch(epoch: int, steps: int | None = None) -> dict:
         start = time.perf_counter()
-        start_epoch(epoch)
-        model.fit(**fit, steps_per_epoch=steps, initial_epoch=epoch, epochs=epoch + 1, validation_data=(x_val, y_val),
-                  verbose=0, callbacks=extra)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # stdout: the replies
+            train(epoch, steps)
         seconds = time.perf_counter() - start
         # At the end of fit Keras copies the weight average into the weights (use_ema); on JAX the two then share
         # one buffer, which the next fit donates twice ("Attempt to donate the same buffer twice"): part them.
@@ -206,6 +205,40 @@ def prepare(variant: str, data_dir: Path, limit: int | None) -> tuple[cnn.Config
         return {"train_images": len(data.y_train), "val_images": len(data.y_val), "epoch_s": seconds}
 
     return cfg, chosen, one_epoch
+
+
+def program_epochs(variant: str, cfg: cnn.Config, data: cnn.Dataset, model: object) -> Callable[[int, int | None], None]:
+    """train(epoch, steps) for the program: an epoch of the script's own fit(), its callbacks and validation
+    included, or a warm-up of `steps` steps that compiles what the epochs run."""
+    keras = backends.import_keras()
+    batches, start_epoch = program_batches(variant, cfg, data, model)
+    keeper = backends.on_keras(cnn.RunKeeper, "callbacks.Callback")(
+        journal.RunState({}), Path(tempfile.mkdtemp(prefix="throughput_")), start_epoch, [], False)
+    y_val = keras.utils.to_categorical(data.y_val, len(common.CLASS_NAMES))
+
+    def train(epoch: int, steps: int | None) -> None:
+        if steps:
+            start_epoch(epoch)
+            model.fit(batches, steps_per_epoch=steps, validation_data=(data.x_val, y_val), verbose=0, shuffle=False,
+                      validation_batch_size=common.EVALUATION_BATCH)
+        else:
+            cnn.fit(dataclasses.replace(cfg, epochs=epoch + 1), model, batches, data, keeper, None, first_epoch=epoch)
+
+    return train
+
+
+def textbook_epochs(keras: object, cfg: cnn.Config, data: cnn.Dataset, model: object
+                    ) -> Callable[[int, int | None], None]:
+    """train(epoch, steps) for textbook Keras: fit on float32 arrays in [0, 1], shuffled by Keras, validated in
+    batches of the same size, no callbacks."""
+    plain = textbook_model(keras, model)
+    x, x_val = (images.astype(np.float32) / 255 for images in (data.x_train, data.x_val))
+
+    def train(epoch: int, steps: int | None) -> None:
+        plain.fit(x, data.y_train, batch_size=cfg.batch_size, shuffle=True, steps_per_epoch=steps,
+                  initial_epoch=epoch, epochs=epoch + 1, validation_data=(x_val, data.y_val), verbose=0)
+
+    return train
 
 
 def program_batches(variant: str, cfg: cnn.Config, data: cnn.Dataset, model: object) -> tuple[object, Callable]:
@@ -256,16 +289,6 @@ def matmul_peak_gflops(precision: str, repeats: int = 5) -> float:
         product()
         best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
-
-
-def training_flops_per_image(cfg: cnn.Config) -> float:
-    """Multiply-adds of the conv and dense layers, x2 for FLOPs, x3 for forward + backward."""
-    side1, side2 = hardware.conv_sides(cfg.kernel_size, cfg.padding)
-    k2 = cfg.kernel_size ** 2
-    flat = (side2 // 2) ** 2 * cfg.filters
-    macs = (side1**2 * cfg.filters * k2 + side2**2 * cfg.filters * cfg.filters * k2
-            + flat * cfg.dense_units + cfg.dense_units * 10)
-    return 2 * 3 * macs
 
 
 if __name__ == "__main__":

@@ -78,6 +78,29 @@ def native_stderr_filtered(min_level: int) -> Iterator[None]:
             sys.stderr.flush()
 
 
+DEFAULT_BACKEND = "tensorflow"
+fallback_note = ""  # why this process runs on another backend than the one asked for by default, if it does
+
+
+def default_backend() -> str:
+    """The backend where neither --backend nor KERAS_BACKEND names one: TensorFlow; where it is not installed but
+    JAX or PyTorch is (requirements-jax.txt), the first of those, noted for the run's backend line."""
+    global fallback_note
+    if importlib.util.find_spec(BACKENDS[DEFAULT_BACKEND][0]) is not None:
+        return DEFAULT_BACKEND
+    for backend, (module, _) in BACKENDS.items():
+        if importlib.util.find_spec(module) is not None:
+            fallback_note = f" (TensorFlow is not installed; {module} is)"
+            return backend
+    return DEFAULT_BACKEND  # none is installed: use_backend says what to install
+
+
+def compilation_cache() -> str:
+    """Where JAX keeps what it compiled, so that the next run with the same shapes does not compile again."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "fashion_cnn", "jax")
+
+
 def use_backend(backend: str) -> None:
     """Make Keras load on `backend` (KERAS_BACKEND), or say in one line what to install or why it cannot be."""
     module, install = BACKENDS[backend]
@@ -86,6 +109,9 @@ def use_backend(backend: str) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if backend == "jax" and "xla_gpu_deterministic_ops" not in flags:  # read when JAX first uses a device
         os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_XLA}".strip()
+    if backend == "jax":  # read when JAX is imported; a cache the user set stays theirs
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache())
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
         raise UserError(f"Keras is already loaded on {sys.modules['keras'].backend.backend()} in this process; "
                         f"start a new one for --backend {backend}")

@@ -23,6 +23,7 @@ CLASS_NAMES = (
 IMAGE_SIDE = 28
 ERASE_AREA = (0.02, 0.4)  # share of the image a random-erasing rectangle covers (Zhong et al. 2017)
 ERASE_ASPECT = (0.3, 1 / 0.3)  # its height / width
+EVALUATION_BATCH = 512  # images per step when validating, testing and predicting: fewer, larger steps
 BEST_MONITOR = "val_accuracy"  # the kept epoch; accuracy is the figure reported, and val_loss bottoms out earlier
 EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED, EXIT_SIGINT = 1, 2, 3, 130
 

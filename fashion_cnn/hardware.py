@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from fashion_cnn.backends import backend_name, import_keras, import_tensorflow
-from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE, Settings, UserError, first_line, setting_defaults
+from fashion_cnn.common import (
+    CLASS_NAMES,
+    EVALUATION_BATCH,
+    IMAGE_SIDE,
+    Settings,
+    UserError,
+    first_line,
+    setting_defaults,
+)
 
 KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # oneDNN runs bfloat16 convolutions fast only with these
@@ -38,6 +46,50 @@ def parameter_count(cfg: Settings) -> int:
     return (k * k * f + f) + (k * k * f * f + f) + (flat * d + d) + (d * len(CLASS_NAMES) + len(CLASS_NAMES))
 
 
+def training_flops_per_image(cfg: Settings) -> float:
+    """Floating-point operations that training costs per image: the conv and dense layers' multiply-adds, x2 for
+    FLOPs, x3 for the forward and backward passes."""
+    side1, side2 = conv_sides(cfg.kernel_size, cfg.padding)
+    k2 = cfg.kernel_size ** 2
+    flat = (side2 // 2) ** 2 * cfg.filters
+    macs = (side1**2 * cfg.filters * k2 + side2**2 * cfg.filters * cfg.filters * k2
+            + flat * cfg.dense_units + cfg.dense_units * len(CLASS_NAMES))
+    return 2 * 3 * macs
+
+
+# A compiled call of the training function runs several steps without returning to Python, so that a step costs
+# no round trip to the host (fashion_cnn.jax_steps on JAX; Keras's own loop on TensorFlow and PyTorch); Ctrl-C
+# is noticed between calls. A call gets about CALL_SECONDS of arithmetic at a rate each kind of device sustains on
+# this network (a 2-core Zen 3: 62 GFLOP/s in float32; an H200 in bfloat16 far more), and at most
+# MAX_STEPS_PER_CALL steps. On JAX the steps of a call run as one loop (lax.scan), except on a CPU with larger
+# convolutions: XLA's CPU backend computes a convolution inside a loop with plain loops instead of its library
+# kernels, some 10% faster at 1 to 4 filters and 2 to 50 times slower from 8 up (benchmarks/throughput.py,
+# docs/RESULTS.md), so there the steps are written out one after another, and every one more lengthens the compiling.
+CALL_SECONDS = 1.0
+SUSTAINED_GFLOPS = {"cpu": 50.0, "gpu": 20_000.0}
+LOOP_ON_CPU_UP_TO_FILTERS = 4
+MAX_STEPS_PER_CALL = {"loop": 250, "written out": 4, "gpu": 10_000}
+
+
+def steps_in_a_loop(cfg: Settings, device: str) -> bool:
+    """Whether JAX runs the steps of a call as one loop on `device` (cpu or gpu), or writes them out."""
+    return device != "cpu" or cfg.filters <= LOOP_ON_CPU_UP_TO_FILTERS
+
+
+def steps_per_execution(cfg: Settings, steps_per_epoch: int, device: str) -> int:
+    """How many training steps one compiled call runs on `device` (cpu or gpu): about CALL_SECONDS of work, at
+    least 1, at most an epoch. The same settings on the same kind of device give the same number. The number
+    changes how often Keras returns to Python, not what the steps compute (but for the last bits of rounding,
+    where XLA fuses steps written out one after another). One under TensorFlow's MirroredStrategy, whose replicas
+    fail inside Keras's loop of steps (keras-team/keras#19246)."""
+    if cfg.distribute == "mirrored" and backend_name() == "tensorflow":
+        return 1
+    step_flops = training_flops_per_image(cfg) * cfg.batch_size + 20 * parameter_count(cfg)  # + Adam, the average
+    affordable = int(CALL_SECONDS * SUSTAINED_GFLOPS[device] * 1e9 // step_flops)
+    most = MAX_STEPS_PER_CALL["gpu" if device != "cpu" else "loop" if steps_in_a_loop(cfg, device) else "written out"]
+    return max(1, min(affordable, most, steps_per_epoch))
+
+
 def training_memory(cfg: Settings) -> dict[str, int]:
     """Bytes that training the network needs, roughly, by what holds them (float32 throughout)."""
     weights = 4 * parameter_count(cfg)
@@ -48,7 +100,8 @@ def training_memory(cfg: Settings) -> dict[str, int]:
         "optimizer state": weights * 2,  # Adam's two moments
         "the average": weights if cfg.ema else 0,
         "copies kept": weights * 2,  # the best epoch's weights and the last validated ones (RunKeeper)
-        "activations of one batch": 4 * per_image * cfg.batch_size * 3,  # outputs, their gradients, dropout masks
+        # a training batch's outputs, their gradients and dropout masks, or a validation batch's outputs
+        "activations of one batch": 4 * per_image * max(cfg.batch_size * 3, EVALUATION_BATCH),
     }
 
 
@@ -132,6 +185,11 @@ def cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
     return set()
+
+
+def compute_device() -> str:
+    """What the backend computes on: gpu where it sees one, else cpu."""
+    return "gpu" if gpu_capabilities() else "cpu"
 
 
 def gpu_capabilities() -> list[tuple[int, int]]:

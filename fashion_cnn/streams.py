@@ -2,9 +2,10 @@
 --erase), and the dropout masks, all a function of (seed, epoch), so that the same seed gives the same run on a
 backend and a resumed run sees exactly what the uninterrupted one would have.
 
-On TensorFlow the batches come from tf.data (fashion_cnn.tf_streams, the faster feed there); on JAX and PyTorch
-from a keras.utils.PyDataset drawing with NumPy, and nothing imports TensorFlow. Draws differ between the two, so
-a run repeats exactly within one backend, not across them. Needs NumPy and Keras.
+On TensorFlow the batches come from tf.data (fashion_cnn.tf_streams, the faster feed there); on JAX they are
+drawn on the device inside the compiled training steps (fashion_cnn.jax_steps); on PyTorch they come from a
+keras.utils.PyDataset drawing with NumPy (EpochBatches). Nothing here imports TensorFlow. Draws differ between
+the three, so a run repeats exactly within one backend, not across them. Needs NumPy and Keras.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from fashion_cnn.backends import backend_name, import_keras, import_tensorflow, on_keras
-from fashion_cnn.common import CLASS_NAMES, ERASE_AREA, ERASE_ASPECT, IMAGE_SIDE, Settings
+from fashion_cnn.augment import augmented
+from fashion_cnn.backends import backend_name, import_keras, import_tensorflow, on_keras, quiet_native_start
+from fashion_cnn.common import CLASS_NAMES, Settings
 
 
 def seed_everything(seed: int) -> None:
     """Same seed, same machine, same flags: the same run."""
-    import_keras().utils.set_random_seed(seed)
+    keras = import_keras()
+    with quiet_native_start():  # Keras seeds TensorFlow too where it is installed, importing it on any backend
+        keras.utils.set_random_seed(seed)
     if backend_name() == "tensorflow":
         import_tensorflow().config.experimental.enable_op_determinism()
 
@@ -37,6 +41,10 @@ def epoch_streams(cfg: Settings, x: np.ndarray, y: np.ndarray, seed: int, model:
         from fashion_cnn.tf_streams import tf_batches
 
         batches, set_epoch = tf_batches(cfg, x, y, seed)
+    elif backend_name() == "jax":
+        from fashion_cnn.jax_steps import device_steps
+
+        batches, set_epoch = device_steps(cfg, model, x, y, seed)
     else:
         batches = on_keras(EpochBatches, "utils.PyDataset")(cfg, x, y, seed)
         set_epoch = batches.set_epoch
@@ -61,7 +69,7 @@ def epoch_starter(set_epoch: Callable[[int], Any], model: Any) -> Callable[[int]
 
 
 class EpochBatches:
-    """The training batches as a keras.utils.PyDataset (on_keras joins them), for JAX and PyTorch: batch `number`
+    """The training batches as a keras.utils.PyDataset (on_keras joins them), for PyTorch: batch `number`
     of an epoch holds the images at its place in the epoch's order, augmented, both drawn by NumPy from (seed,
     epoch, number) alone, so that it is the same batch whenever and in whatever thread it is made. fit() reads the
     batches in order (shuffle=False); start_epoch sets the epoch before each one."""
@@ -87,36 +95,3 @@ class EpochBatches:
         draws = np.random.default_rng([self.seed, self.epoch, number])
         images = augmented(self.images[picked], draws, self.shift, self.flip, self.erase)
         return images, self.one_hot[self.labels[picked]]
-
-
-def augmented(images: np.ndarray, draws: np.random.Generator, shift: int, flip: bool, erase: float) -> np.ndarray:
-    """A batch of uint8 images (N, 28, 28, 1), each mirrored left-right with probability 1/2 (flip), moved by
-    -shift..shift pixels down and right, zero-filled, and with probability erase given a noise rectangle
-    (erased), all drawn from draws."""
-    count = len(images)
-    if flip:
-        mirrored = draws.random(count) < 0.5
-        images = np.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
-    if shift:
-        offsets = draws.integers(0, 2 * shift + 1, size=(2, count, 1, 1)) + np.arange(IMAGE_SIDE)[:, None]
-        padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
-        images = padded[np.arange(count)[:, None, None], offsets[0], offsets[1].transpose(0, 2, 1)]
-    return erased(images, draws, erase) if erase else images
-
-
-def erased(images: np.ndarray, draws: np.random.Generator, probability: float) -> np.ndarray:
-    """Random erasing (Zhong et al. 2017, arXiv:1708.04896), as fashion_cnn.tf_streams does it on TensorFlow:
-    with the given probability an image gets one rectangle of random area (ERASE_AREA) and aspect (ERASE_ASPECT),
-    cut at the image's edge, at a random place, filled with uniform noise."""
-    chosen, area_share, log_aspect, top_share, left_share = draws.random((5, len(images)))
-    area = (ERASE_AREA[0] + area_share * (ERASE_AREA[1] - ERASE_AREA[0])) * IMAGE_SIDE**2
-    aspect = np.exp(np.log(ERASE_ASPECT[0]) + log_aspect * np.log(ERASE_ASPECT[1] / ERASE_ASPECT[0]))
-    sides = [np.clip(np.round(np.sqrt(area * k)), 1, IMAGE_SIDE) for k in (aspect, 1 / aspect)]  # height, width
-    starts = [np.floor(share * (IMAGE_SIDE - side + 1)) for share, side in zip((top_share, left_share), sides,
-                                                                                 strict=True)]
-    pixel = np.arange(IMAGE_SIDE)
-    rows, cols = ((pixel >= start[:, None]) & (pixel < (start + side)[:, None]) for start, side in zip(starts, sides,
-                                                                                                    strict=True))
-    inside = rows[:, :, None] & cols[:, None, :] & (chosen < probability)[:, None, None]
-    noise = draws.integers(0, 256, images.shape, dtype=np.uint8)
-    return np.where(inside[..., None], noise, images)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fashion_cnn.common import IMAGE_SIDE, Settings
+from fashion_cnn.common import EVALUATION_BATCH, IMAGE_SIDE, Settings
 
 
 def test_time_augmentation(cfg: Settings, tta: bool | None = None) -> dict[str, bool] | None:
@@ -24,7 +24,7 @@ def class_probabilities(model: Any, images: np.ndarray, tta: dict[str, bool] | N
     """The model's class probabilities for uint8 images; with test-time augmentation, the mean over each image
     and its copies."""
     views = test_time_views(images, **tta) if tta else [images]
-    return np.mean([model.predict(v, batch_size=512, verbose=0) for v in views], axis=0)
+    return np.mean([model.predict(v, batch_size=EVALUATION_BATCH, verbose=0) for v in views], axis=0)
 
 
 def test_time_views(images: np.ndarray, shift: bool, flip: bool) -> list[np.ndarray]:

@@ -12,14 +12,17 @@ checks honest (writing them takes about a second); a tiny network (--filters 4) 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import gzip
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,11 @@ import pytest
 import ConvolutionalNN as cnn
 from fashion_cnn import data_files
 
+# JAX keeps what it compiles between runs (fashion_cnn.backends); the tests' runs share one cache of their own,
+# removed by the process that made it
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fashion_cnn_tests_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "ConvolutionalNN.py"
 REAL_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
@@ -127,11 +135,16 @@ def test_arrays(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def run_cli(*args: str | os.PathLike, cwd: Path | None = None, env: dict[str, str] | None = None,
+def cli_environment(env: dict[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with env added (a variable given as None left out), output unbuffered."""
+    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def run_cli(*args: str | os.PathLike, cwd: Path | None = None, env: dict[str, str | None] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ConvolutionalNN.py as a user would, capturing its output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], check=False, cwd=cwd, env=full_env,
+    """Run ConvolutionalNN.py as a user would, capturing its output (env: cli_environment)."""
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], check=False, cwd=cwd, env=cli_environment(env),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
@@ -142,3 +143,39 @@ def test_jax_is_asked_for_deterministic_gpu_ops_and_other_xla_flags_are_kept(mon
     with contextlib.suppress(common.UserError):  # Keras may be loaded on TensorFlow in this process already
         backends.use_backend("jax")
     assert os.environ["XLA_FLAGS"].split() == [*([before] if before else []), backends.DETERMINISTIC_XLA]
+
+
+@pytest.mark.parametrize(("installed", "chosen", "note"), [
+    ({"tensorflow", "jax", "torch"}, "tensorflow", ""),
+    ({"jax", "torch"}, "jax", " (TensorFlow is not installed; jax is)"),
+    ({"torch"}, "torch", " (TensorFlow is not installed; torch is)"),
+    (set(), "tensorflow", ""),  # nothing: use_backend then says what to install
+])
+def test_without_tensorflow_the_default_backend_is_one_that_is_installed_and_says_so(
+        monkeypatch: pytest.MonkeyPatch, installed: set[str], chosen: str, note: str) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        if name in ("tensorflow", "jax", "torch"):
+            return importlib.machinery.ModuleSpec(name, None) if name in installed else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "fallback_note", "")
+    assert cnn.parse_args([]).backend == chosen
+    assert backends.fallback_note == note
+
+
+def test_jax_keeps_what_it_compiled_for_the_next_run_where_the_user_keeps_nothing_else(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for variable in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "KERAS_BACKEND"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with contextlib.suppress(common.UserError):  # Keras may be loaded on TensorFlow in this process already
+        backends.use_backend("jax")
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "fashion_cnn" / "jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    with contextlib.suppress(common.UserError):
+        backends.use_backend("jax")
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "mine"), "the user's own cache is kept"

@@ -94,3 +94,26 @@ def test_the_memory_check_passes_the_default_network_and_names_what_it_counts() 
 def test_the_parameter_count_is_the_one_keras_builds(flags: list[str]) -> None:
     cfg = cnn.parse_args(flags)
     assert hardware.parameter_count(cfg) == cnn.build_model(cfg, 0.001, steps_per_epoch=1).count_params()
+
+
+@pytest.mark.parametrize(("flags", "device", "steps", "loop"), [
+    ([], "cpu", 4, False),                                     # 12 GFLOP a step: a few steps, written out
+    (["--filters", "1", "--dense-units", "1"], "cpu", 250, True),  # next to no arithmetic: many, in one loop
+    ([], "gpu", 750, True),                                    # the whole epoch in one call
+    (["--limit", "6400", "--filters", "1"], "gpu", 80, True),  # never more than an epoch
+    (["--filters", "1024"], "cpu", 1, False),                  # never fewer than one
+])
+def test_a_call_runs_about_a_second_of_steps_at_least_one_at_most_an_epoch(
+        flags: list[str], device: str, steps: int, loop: bool) -> None:
+    cfg = cnn.parse_args(flags)
+    steps_per_epoch = -(-int((cfg.limit or 60_000) * (1 - cfg.val_split)) // cfg.batch_size)
+    assert hardware.steps_per_execution(cfg, steps_per_epoch, device) == steps
+    assert hardware.steps_in_a_loop(cfg, device) is loop
+
+
+def test_mirrored_on_tensorflow_runs_one_step_a_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cnn.parse_args(["--distribute", "mirrored", "--filters", "1", "--dense-units", "1"])
+    monkeypatch.setattr(hardware, "backend_name", lambda: "tensorflow")
+    assert hardware.steps_per_execution(cfg, 750, "cpu") == 1  # keras-team/keras#19246
+    monkeypatch.setattr(hardware, "backend_name", lambda: "jax")
+    assert hardware.steps_per_execution(cfg, 750, "cpu") == 250

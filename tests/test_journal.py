@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DEAD_AND_SLOW, SCRIPT, TINY, call_main, run_cli
+from conftest import DEAD_AND_SLOW, SCRIPT, TINY, call_main, cli_environment, run_cli
 from fashion_cnn import common, tta
 
 LEVERS = ["--ema", "0.9", "--label-smoothing", "0.1", "--shift", "2", "--flip", "--tta", "--erase", "0.5",
@@ -25,9 +25,8 @@ LEVERS = ["--ema", "0.9", "--label-smoothing", "0.1", "--shift", "2", "--flip", 
 LONG = [*TINY, "--limit", "1600", "--epochs", "4", *LEVERS]  # 40 steps an epoch: time to land a signal inside one
 
 
-def start_cli(*args: str | os.PathLike, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=env, text=True,
+def start_cli(*args: str | os.PathLike, env: dict[str, str | None] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=cli_environment(env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -53,7 +52,7 @@ def run_flags(folder: Path, data_dir: Path, *extra: str) -> list[str]:
             *LONG, *extra]
 
 
-def stop_in_epoch(flags: list[str], epoch: int, signum: int, total: int = 4, env: dict[str, str] | None = None
+def stop_in_epoch(flags: list[str], epoch: int, signum: int, total: int = 4, env: dict[str, str | None] | None = None
                   ) -> subprocess.CompletedProcess[str]:
     """Start a run (with env added to the environment) and send signum once its epoch `epoch` has begun."""
     proc = start_cli(*flags, env=env)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import FILES, TINY, TRAINED, call_main, run_cli
-from fashion_cnn import common
+from fashion_cnn import backends, common
 
 OUTPUTS = ["accuracy.png", "loss.png", "confusion_matrix.png", "predictions.png", "architecture.png",
            "history.csv", "metrics.json"]
@@ -99,3 +99,29 @@ def test_the_weight_average_of_a_short_run_is_as_accurate_as_the_raw_weights(tmp
     raw = validation_accuracy("0")
     assert raw > 0.5, "the raw weights learn something in 64 steps"
     assert validation_accuracy("0.99") >= raw - 0.01, "the average is within a point of the raw weights, or better"
+
+
+@pytest.mark.slow
+def test_no_callback_makes_each_training_step_wait_for_its_results(
+        tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On JAX and PyTorch Keras hands the callbacks each step's logs in a thread of their own, unless one of them
+    has a batch-end hook (TerminateOnNaN has) and is not marked async_safe: then every step waits for the device
+    and its logs are copied to the host. (TensorFlow's backend always waits: there steps_per_execution is what
+    spares the steps.) Ctrl-C and a NaN loss still stop the run: test_journal.py, test_study.py."""
+    keras = backends.import_keras()
+    given = []
+    original = keras.callbacks.CallbackList.__init__
+
+    def recorded(self: object, callbacks: list | None = None, *args: object, **kwargs: object) -> None:
+        given.append(list(callbacks or []))
+        original(self, callbacks, *args, **kwargs)
+
+    def waits(callback: object) -> bool:
+        hooks = (callback.on_batch_end, callback.on_train_batch_end)
+        return not getattr(callback, "async_safe", False) and not all(getattr(h, "_is_default", False) for h in hooks)
+
+    monkeypatch.setattr(keras.callbacks.CallbackList, "__init__", recorded)
+    ran = call_main("--data-dir", data_dir, "--plots-dir", tmp_path / "p", "--model-path", tmp_path / "m.keras", *TINY)
+    assert ran.returncode == 0, ran.stderr
+    fits = [callbacks for callbacks in given if any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)]
+    assert len(fits) == 1 and [type(c).__name__ for c in fits[0] if waits(c)] == []

@@ -245,6 +245,13 @@ class Config:
     finetuned_path: Path | None = setting(None, "where --finetune saves the adapted model; none given: beside "
                                           "--model-path, named for DIR (models/fashion_cnn_DIR.keras)", type=Path,
                                           metavar="PATH", group="prediction", recorded=False)
+    serve: bool = setting(False, "start a page in the browser to classify photos and teach the network yours "
+                          "(needs requirements-serve.txt); Ctrl-C stops it", action="store_true", group="prediction",
+                          recorded=False)
+    port: int = setting(7860, "the page's port (--serve)", type=bounded(int, 1, 65536), group="prediction",
+                        recorded=False)
+    host: str = setting("127.0.0.1", "the page's address (--serve): another than 127.0.0.1 lets other computers "
+                        "reach it", group="prediction", recorded=False)
 
     @property
     def lr(self) -> float:
@@ -341,6 +348,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     if flags.json_output and not flags.predict:
         parser.error("--json only applies to --predict")
     check_finetune_flags(parser, flags)
+    check_serve_flags(parser, flags)
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(flags).items()})
 
 
@@ -360,6 +368,22 @@ def check_finetune_flags(parser: argparse.ArgumentParser, flags: argparse.Namesp
                                         ("--distribute", flags.distribute != "none")) if given]
     if clashes:
         parser.error(f"--finetune trains one adapted model here; drop {' and '.join(clashes)}")
+
+
+def check_serve_flags(parser: argparse.ArgumentParser, flags: argparse.Namespace) -> None:
+    """Usage errors of --serve: --port and --host without it, and what it does not combine with."""
+    if not flags.serve:
+        given = [flag for flag, key in (("--port", "port"), ("--host", "host"))
+                 if getattr(flags, key) != parser.get_default(key)]
+        if given:
+            parser.error(f"{' and '.join(given)}: for the page of --serve only")
+        return
+    clashes = [flag for flag, given in (("--predict", flags.predict), ("--finetune", flags.finetune),
+                                        ("--resume", flags.resume), ("--ray", flags.ray),
+                                        ("--tensorboard", flags.tensorboard), ("several --lr", len(flags.lrs) > 1),
+                                        ("several --seed", len(flags.seeds) > 1)) if given]
+    if clashes:
+        parser.error(f"--serve classifies and teaches on a page; drop {' and '.join(clashes)}")
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:
@@ -395,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fashion_cnn.finetune import finetune
 
             return finetune(cfg)
+        if cfg.serve:
+            from fashion_cnn.serve import serve
+
+            return serve(cfg)
         return train_and_report(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

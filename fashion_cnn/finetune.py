@@ -10,10 +10,12 @@ Needs what --predict needs (Pillow, SciPy, OpenCV) and Keras; the batches are Nu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from fashion_cnn import plots
 from fashion_cnn.backends import import_keras, library_versions, on_keras
-from fashion_cnn.common import Settings, UserError, confusion_and_per_class, setting_defaults
+from fashion_cnn.common import EVALUATION_BATCH, Settings, UserError, confusion_and_per_class, setting_defaults
 from fashion_cnn.journal import TrainingInterrupted, stop_requests
 from fashion_cnn.model_file import load_trained_model, save_model
 from fashion_cnn.outputs import check_writable, output_set, write_json
@@ -51,6 +53,17 @@ class Photos:
     unreadable: int = 0         # image files that could not be read (one line each on stderr)
 
 
+@dataclasses.dataclass
+class Adapted:
+    """An adapted model and what teaching it gave: its curves, the held-out report, the settings and the time."""
+
+    model: Any
+    history: dict[str, list[float]]
+    report: dict[str, Any]
+    settings: Settings
+    seconds: float
+
+
 def finetune(cfg: Settings) -> int:
     """Read the folder's photos, adapt the model at --model-path to their classes, report on the held-out photos,
     and save the adapted model with its curves, confusion matrix and metrics; the exit code."""
@@ -61,36 +74,54 @@ def finetune(cfg: Settings) -> int:
     base, _ = load_trained_model(cfg.model_path)
     check_writable(target.parent, cfg.plots_dir)
     photos = read_class_photos(class_files, ignored, folder)
-    settings = recipe(cfg)
-    started = time.perf_counter()
-    held = held_out(photos.labels, cfg.seed)
     try:
-        model, history = train_adapted(base, photos, held, settings)
+        adapted = adapt(cfg, base, photos)
     except TrainingInterrupted as stop:
         print("\nInterrupted; nothing was written and earlier outputs are untouched.", file=sys.stderr)
         return 128 + stop.signum
-    seconds = time.perf_counter() - started
-    report = held_out_report(model, photos, held)
-    with output_set():
-        save_model(model, target, {"test_time_augmentation": TTA, "class_names": list(photos.classes),
-                                   "unsure_above": report["unsure_above"], "adapted_from": str(cfg.model_path)})
-        write_outputs(out, history, report, photos, settings, seconds)
+    save_adapted(adapted, photos, target, out, cfg.model_path)
     print(f"Adapted model: {target} (--predict --model-path {target}); curves, confusion matrix and metrics: {out}/")
     return 0
 
 
-def class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
+def adapt(cfg: Settings, base: Any, photos: Photos, on_epoch: Callable[[int, int], None] | None = None,
+          handle_signals: bool = True) -> Adapted:
+    """The base model adapted to the photos by the recipe, with HOLD_OUT of each class held out and reported on;
+    on_epoch(done, epochs) after each epoch. With handle_signals, Ctrl-C or SIGTERM stops it after the batch
+    (TrainingInterrupted); only the main thread can take signals."""
+    settings = recipe(cfg)
+    started = time.perf_counter()
+    held = held_out(photos.labels, cfg.seed)
+    with stop_requests() if handle_signals else contextlib.nullcontext([]) as received:
+        model, history = train_adapted(base, photos, held, settings, received, on_epoch)
+    seconds = time.perf_counter() - started
+    return Adapted(model, history, held_out_report(model, photos, held), settings, seconds)
+
+
+def save_adapted(adapted: Adapted, photos: Photos, target: Path, out: Path, base_path: Path) -> None:
+    """The adapted model at target (never over the base model) and its curves, confusion matrix and metrics in
+    out, as one set: a failure leaves the earlier ones as they were."""
+    with output_set():
+        save_model(adapted.model, target, {"test_time_augmentation": TTA, "class_names": list(photos.classes),
+                                           "unsure_above": adapted.report["unsure_above"],
+                                           "adapted_from": str(base_path)})
+        write_outputs(out, adapted, photos, base_path)
+
+
+def class_folders(folder: Path, named: str = "") -> tuple[dict[str, list[Path]], dict[str, int]]:
     """The image files of each class folder, by class name; and what was passed over. One line naming the problem
-    and the fix for a folder that is missing, empty, of one class, or with a class of too few photos."""
+    and the fix for a folder that is missing, empty, of one class, or with a class of too few photos (named: how
+    the messages call the folder; default --finetune FOLDER)."""
+    named = named or f"--finetune {folder}"
     layout = f"put each class's photos in a folder of its own inside it ({folder}/shirt/, {folder}/shoes/, ...)"
     if not folder.is_dir():
         what = "a file, not a folder" if folder.exists() else "no such folder"
-        raise UserError(f"--finetune {folder}: {what}; {layout}")
+        raise UserError(f"{named}: {what}; {layout}")
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise UserError(f"--finetune {folder} holds no class folders; {layout}")
+        raise UserError(f"{named} holds no class folders; {layout}")
     if len(classes) == 1:
-        raise UserError(f"--finetune {folder} holds one class folder ({classes[0].name}); the network needs two or "
+        raise UserError(f"{named} holds one class folder ({classes[0].name}); the network needs two or "
                         f"more classes to tell apart: add a folder of photos for each other class")
     ignored = {"files beside the class folders": sum(p.is_file() for p in folder.iterdir()),
                "folders inside class folders": 0, "files that are not images": 0}
@@ -101,16 +132,16 @@ def class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
         ignored["folders inside class folders"] += sum(p.is_dir() for p in entries)
         ignored["files that are not images"] += sum(p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
                                                     for p in entries)
-    check_class_sizes({name: len(paths) for name, paths in files.items()}, folder)
+    check_class_sizes({name: len(paths) for name, paths in files.items()}, named)
     return files, ignored
 
 
-def check_class_sizes(sizes: dict[str, int], folder: Path) -> None:
-    """One line for the classes with fewer than MIN_PHOTOS photos."""
+def check_class_sizes(sizes: dict[str, int], named: str) -> None:
+    """One line for the classes with fewer than MIN_PHOTOS photos (named: how it calls their folder)."""
     small = {name: n for name, n in sizes.items() if n < MIN_PHOTOS}
     if small:
         listed = ", ".join(f"{name} ({n})" for name, n in small.items())
-        raise UserError(f"--finetune {folder}: each class needs at least {MIN_PHOTOS} readable photos; too few in "
+        raise UserError(f"{named}: each class needs at least {MIN_PHOTOS} readable photos; too few in "
                         f"{listed}: add photos there, or remove the folder")
 
 
@@ -123,8 +154,10 @@ def finetuned_path(cfg: Settings) -> Path:
     return path
 
 
-def read_class_photos(class_files: dict[str, list[Path]], ignored: dict[str, int], folder: Path) -> Photos:
-    """Every photo read as --predict reads it, with progress; an unreadable one is one line on stderr and skipped."""
+def read_class_photos(class_files: dict[str, list[Path]], ignored: dict[str, int], folder: Path, named: str = "",
+                      progress: Callable[[int, int], None] | None = None) -> Photos:
+    """Every photo read as --predict reads it, with progress(done, total) (default: printed); an unreadable one is
+    one line on stderr and skipped (named: how messages call the folder, as class_folders)."""
     paths = [path for class_paths in class_files.values() for path in class_paths]
     path_labels = [label for label, class_paths in enumerate(class_files.values()) for _ in class_paths]
     images, labels, unreadable = [], [], 0
@@ -135,8 +168,8 @@ def read_class_photos(class_files: dict[str, list[Path]], ignored: dict[str, int
         else:
             images.append(seen.pixels)
             labels.append(label)
-        show_progress(done, len(paths))
-    check_class_sizes({name: labels.count(k) for k, name in enumerate(class_files)}, folder)
+        (progress or show_progress)(done, len(paths))
+    check_class_sizes({name: labels.count(k) for k, name in enumerate(class_files)}, named or f"--finetune {folder}")
     passed_over = ", ".join(f"{n} {what}" for what, n in ignored.items() if n)
     print(f"Photos: {len(labels)} in {len(class_files)} classes ({', '.join(class_files)})"
           + (f"; ignored: {passed_over}" if passed_over else "")
@@ -172,10 +205,12 @@ def held_out(labels: np.ndarray, seed: int) -> np.ndarray:
     return held
 
 
-def train_adapted(base: Any, photos: Photos, held: np.ndarray, cfg: Settings) -> tuple[Any, dict[str, list[float]]]:
+def train_adapted(base: Any, photos: Photos, held: np.ndarray, cfg: Settings, stop: list[int],
+                  on_epoch: Callable[[int, int], None] | None = None) -> tuple[Any, dict[str, list[float]]]:
     """The base network with a new last layer for the photos' classes, imprinted, then all of it trained on the
     photos not held out (validated on the held-out ones each epoch, for the curves only); the model and its
-    history."""
+    history. A signal number in stop ends it after the batch (TrainingInterrupted); on_epoch(done, epochs) after
+    each epoch."""
     keras = import_keras()
     seed_everything(cfg.seed)
     model = adapted_network(keras, base, len(photos.classes))
@@ -189,15 +224,19 @@ def train_adapted(base: Any, photos: Photos, held: np.ndarray, cfg: Settings) ->
                                                          classes=len(photos.classes))
     start_epoch = epoch_starter(batches.set_epoch, model)
     held_labels = np.eye(len(photos.classes), dtype=np.float32)[photos.labels[held]]
-    with stop_requests() as received:  # Ctrl-C or SIGTERM: stop after the batch, write nothing
-        def stop_if_asked(*_: Any, **__: Any) -> None:
-            if received:
-                raise TrainingInterrupted(received[0])
+    def stop_if_asked(*_: Any, **__: Any) -> None:
+        if stop:
+            raise TrainingInterrupted(stop[0])
 
-        fitted = model.fit(batches, validation_data=(photos.images[held], held_labels), epochs=cfg.epochs,
-                           shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
-                           callbacks=[keras.callbacks.LambdaCallback(
-                               on_epoch_begin=lambda epoch, _: start_epoch(epoch), on_train_batch_end=stop_if_asked)])
+    def epoch_done(epoch: int, _: Any) -> None:
+        if on_epoch:
+            on_epoch(epoch + 1, cfg.epochs)
+
+    fitted = model.fit(batches, validation_data=(photos.images[held], held_labels), epochs=cfg.epochs,
+                       shuffle=False, verbose=(1 if sys.stdout.isatty() else 2) if on_epoch is None else 0,
+                       callbacks=[keras.callbacks.LambdaCallback(
+                           on_epoch_begin=lambda epoch, _: start_epoch(epoch), on_train_batch_begin=stop_if_asked,
+                           on_epoch_end=epoch_done)])
     return model, {k: [float(v) for v in vs] for k, vs in fitted.history.items()}
 
 
@@ -216,7 +255,7 @@ def imprinted_head(keras: Any, model: Any, images: np.ndarray, labels: np.ndarra
     mean, instead of from a random layer whose first steps pull the learned features about (docs/RESULTS.md:
     +0.4 to +2.4 points on real photos, the length chosen by cross-validation)."""
     hidden = keras.Sequential([keras.Input(shape=images.shape[1:], dtype="uint8"), *model.layers[:-1]])
-    features = np.mean([np.asarray(hidden.predict(view, batch_size=512, verbose=0), np.float32)
+    features = np.mean([np.asarray(hidden.predict(view, batch_size=EVALUATION_BATCH, verbose=0), np.float32)
                         for view in (images, images[:, :, ::-1])], axis=0)
     means = np.stack([features[labels == k].mean(axis=0) for k in range(classes)])
     lengths = np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
@@ -247,17 +286,20 @@ def unsure_cut(scores: np.ndarray, right: np.ndarray, default: float = 0.5) -> f
     return float(cuts[int(np.argmax(gains))]) if len(cuts) else default
 
 
-def write_outputs(out: Path, history: dict[str, list[float]], report: dict[str, Any], photos: Photos,
-                  cfg: Settings, seconds: float) -> None:
+CURVES_TITLE = "Taught your photos: {metric} per epoch"  # what the curves of an adaptation show
+
+
+def write_outputs(out: Path, adapted: Adapted, photos: Photos, base_path: Path) -> None:
     """The curves, the held-out confusion matrix, history.csv and metrics.json of an adaptation."""
+    history, report, cfg = adapted.history, adapted.report, adapted.settings
     epochs = len(history.get("loss", []))
-    plots.plot_curves(history, "accuracy", epochs, out / "accuracy.png")
-    plots.plot_curves(history, "loss", epochs, out / "loss.png")
+    for metric in ("accuracy", "loss"):
+        plots.plot_curves(history, metric, epochs, out / f"{metric}.png", CURVES_TITLE, "held-out photos'")
     plots.plot_confusion(report["confusion"], out / "confusion_matrix.png", photos.classes, "Held-out photos")
     plots.write_history_csv(history, out / "history.csv")
     write_json(out / "metrics.json", {
         **{k: v for k, v in report.items() if k != "confusion"}, "confusion": report["confusion"].tolist(),
         "classes": list(photos.classes), "photos": len(photos.labels), "unreadable": photos.unreadable,
         "ignored": photos.ignored, "epochs": epochs, "learning_rate": cfg.lr, "batch_size": cfg.batch_size,
-        "seed": cfg.seed, "training_seconds": round(seconds, 2), "adapted_from": str(cfg.model_path),
+        "seed": cfg.seed, "training_seconds": round(adapted.seconds, 2), "adapted_from": str(base_path),
         "history": history, "versions": library_versions()})

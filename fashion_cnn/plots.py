@@ -17,18 +17,20 @@ from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE
 from fashion_cnn.outputs import atomic_path, pyplot, save_figure
 
 
-def plot_curves(history: dict[str, list[float]], metric: str, best_epoch: int | None, path: Path) -> None:
-    """Training and validation `metric` per epoch, with the kept epoch marked."""
+def plot_curves(history: dict[str, list[float]], metric: str, best_epoch: int | None, path: Path,
+                title: str = "Fashion-MNIST CNN: {metric} per epoch", validation: str = "validation") -> None:
+    """Training and validation `metric` per epoch, with the kept epoch marked; title and the name of the validation
+    images say what was trained and measured."""
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
     epochs = range(1, len(history[metric]) + 1)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(epochs, history[metric], "o-", label=f"training {metric}")
-    ax.plot(epochs, history[f"val_{metric}"], "s-", label=f"validation {metric}")
+    ax.plot(epochs, history[f"val_{metric}"], "s-", label=f"{validation} {metric}")
     if best_epoch:
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept epoch {best_epoch}")
-    ax.set(xlabel="epoch", ylabel=metric, title=f"Fashion-MNIST CNN: {metric} per epoch")
+    ax.set(xlabel="epoch", ylabel=metric, title=title.format(metric=metric))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()

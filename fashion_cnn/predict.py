@@ -65,28 +65,16 @@ def predict(cfg: Settings) -> int:
     classes (or JSON) and draw what the network saw under --plots-dir; exit 1 if any file failed."""
     require_opencv("--predict")  # once, not once a file
     model, notes = load_trained_model(cfg.model_path)
-    tta, classes = notes.get("test_time_augmentation"), ModelClasses.of(notes)
     check_writable(cfg.plots_dir / "predict")
-    decoded, failed = [], 0
-    for path, seen in read_all(image_files(cfg.predict)):
-        if isinstance(seen, str):
-            print(f"error: {seen}", file=sys.stderr)
-            failed += 1
-        else:
-            decoded.append((path, seen))
-    results = []
-    if decoded:
-        probabilities, read = read_photos(model, [seen for _, seen in decoded], tta, classes)
-        pictures = picture_paths([path for path, _ in decoded], cfg.plots_dir / "predict")
-        for (path, _), seen, probs, picture in zip(decoded, read, probabilities, pictures, strict=True):
-            results.append(classification(path, probs, seen, classes) | {"seen": str(picture)})
-            draw_what_the_network_saw(seen, results[-1], picture, classes.unsure_note)
+    results, errors = classify_files(model, notes, image_files(cfg.predict), cfg.plots_dir / "predict")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
     if cfg.json_output:
         print(json.dumps(results, indent=2))
     else:
-        print_classifications(results, cfg.plots_dir / "predict", classes.unsure_note)
-    if failed:
-        print(f"{failed} of {failed + len(results)} files could not be classified.", file=sys.stderr)
+        print_classifications(results, cfg.plots_dir / "predict", ModelClasses.of(notes).unsure_note)
+    if errors:
+        print(f"{len(errors)} of {len(errors) + len(results)} files could not be classified.", file=sys.stderr)
         return EXIT_FAILURE
     if not results:
         print("error: no images to classify.", file=sys.stderr)
@@ -94,21 +82,49 @@ def predict(cfg: Settings) -> int:
     return 0
 
 
+def classify_files(model: Any, notes: dict[str, Any], files: Sequence[Path], pictures: Path
+                   ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read each file as the network must see it (fashion_cnn.photos), classify it with the model and its notes
+    (the test-time augmentation it was trained with, an adapted model's classes), and draw what the network saw
+    into the folder pictures; the results of the files read, in order (each with "seen": its picture), and a
+    message for each file that could not be read. --predict and the page (fashion_cnn.serve) both answer so."""
+    tta, classes = notes.get("test_time_augmentation"), ModelClasses.of(notes)
+    decoded, errors = [], []
+    for path, seen in read_all(files):
+        if isinstance(seen, str):
+            errors.append(seen)
+        else:
+            decoded.append((path, seen))
+    results = []
+    if decoded:
+        probabilities, read = read_photos(model, [seen for _, seen in decoded], tta, classes)
+        paths = picture_paths([path for path, _ in decoded], pictures)
+        for (path, _), seen, probs, picture in zip(decoded, read, probabilities, paths, strict=True):
+            results.append(classification(path, probs, seen, classes) | {"seen": str(picture)})
+            draw_what_the_network_saw(seen, results[-1], picture, classes.unsure_note)
+    return results, errors
+
+
 def print_classifications(results: list[dict[str, Any]], pictures: Path, unsure_note: str = UNSURE_NOTE) -> None:
-    """One line per image: its class and probability, what was done to read it, and the next two classes."""
+    """One line per image: its file and answer_text."""
     for r in results:
-        note = " (inverted: light background)" if r["inverted"] else ""
-        if r["mirrored"]:
-            note += " (read mirrored: a shoe pointing the other way)"
-        if r["stretched"]:
-            note += f" (read stretched: wider than the data set's garments; as photographed: {r['as_photographed']})"
-        if not r["item_found"]:
-            note += " (no item stood out from the background: the whole picture was used)"
-        others = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top3"][1:])
-        unsure = f" ({unsure_note})" if r["unsure"] else ""
-        print(f"{r['file']}: {r['class']} {r['probability']:.1%}{unsure}{note}  [next: {others}]")
+        print(f"{r['file']}: {answer_text(r, unsure_note)}")
     if results:
         print(f"What the network saw: {pictures}/")
+
+
+def answer_text(r: dict[str, Any], unsure_note: str = UNSURE_NOTE) -> str:
+    """An image's answer: its class and probability, what was done to read it, and the next two classes."""
+    note = " (inverted: light background)" if r["inverted"] else ""
+    if r["mirrored"]:
+        note += " (read mirrored: a shoe pointing the other way)"
+    if r["stretched"]:
+        note += f" (read stretched: wider than the data set's garments; as photographed: {r['as_photographed']})"
+    if not r["item_found"]:
+        note += " (no item stood out from the background: the whole picture was used)"
+    others = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top3"][1:])
+    unsure = f" ({unsure_note})" if r["unsure"] else ""
+    return f"{r['class']} {r['probability']:.1%}{unsure}{note}  [next: {others}]"
 
 
 # Fashion-MNIST's shoes all point left, while its other classes look much the same mirrored.

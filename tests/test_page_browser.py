@@ -1,0 +1,118 @@
+"""--serve in a real browser: Debian's headless Chromium, driven by Selenium through chromium-driver, as a user
+uses the page: drop a photo and read its class, teach two classes of drawn pictures and read the held-out
+accuracy, drop a broken file and go on; nothing the page loads comes from anywhere but the server; Ctrl-C stops
+the server and removes the uploads. Screenshots of both views land in the test's folder (and in
+$PAGE_SCREENSHOTS, if set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from benchmarks import page
+from conftest import SCRIPT, class_image, run_cli
+from test_finetune import FOLDERS, draw_photos
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, trained: dict) -> Iterator[dict]:
+    """python3 ConvolutionalNN.py --serve over a copy of the trained model, as a user starts it."""
+    work = tmp_path_factory.mktemp("served")
+    base = work / "models" / "fashion_cnn.keras"
+    base.parent.mkdir()
+    shutil.copy(trained["model"], base)
+    proc, url = page.start_server(base, work / "plots", work, "--epochs", "10")
+    yield {"url": url, "proc": proc, "work": work, "base": base}
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(server: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    driver = page.chromium(tmp_path_factory.mktemp("chromium"))
+    driver.get(server["url"])
+    page.wait_for(lambda: page.text_of(driver, "button[role=tab]"))
+    yield driver
+    driver.quit()
+
+
+def screenshot(driver: object, folder: Path, name: str) -> None:
+    driver.save_screenshot(str(folder / name))
+    if os.environ.get("PAGE_SCREENSHOTS"):
+        driver.save_screenshot(str(Path(os.environ["PAGE_SCREENSHOTS"]) / name))
+
+
+def test_a_dropped_photo_gets_the_class_and_probability_predict_prints(browser: object, server: dict,
+                                                                      tmp_path: Path) -> None:
+    photo = tmp_path / "boot.png"
+    Image.fromarray(class_image(9, seed=3)).resize((140, 140)).save(photo)
+    printed = run_cli("--predict", photo, "--json", "--model-path", server["base"], "--plots-dir", tmp_path)
+    expected = json.loads(printed.stdout)[0]
+    page.open_tab(browser, "Classify")
+    page.upload(browser, "#drop", photo)
+    answer = page.wait_for(lambda: "boot.png" in page.text_of(browser, "#answers") and page.text_of(browser, "#answers"))
+    assert f"boot.png: {expected['class']} {expected['probability']:.1%}" in answer
+    page.wait_for(lambda: page.text_of(browser, "#seen"))
+    screenshot(browser, tmp_path, "page_classify.png")
+
+
+def test_a_broken_file_is_a_message_and_the_page_goes_on(browser: object, server: dict, tmp_path: Path) -> None:
+    page.open_tab(browser, "Classify")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    page.upload(browser, "#drop", tmp_path / "broken.jpg")
+    assert "could not read" in page.wait_for(lambda: "broken.jpg" in page.text_of(browser, "#answers")
+                                        and page.text_of(browser, "#answers"))
+    assert server["proc"].poll() is None, "the server goes on serving"
+
+
+def test_teaching_two_classes_of_drawn_pictures_shows_the_held_out_accuracy(browser: object, server: dict,
+                                                                           tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    teach = draw_photos(tmp_path / "teach")
+    page.open_tab(browser, "Teach")
+    for number, name in enumerate(list(FOLDERS)[:2], start=1):
+        browser.find_element(By.CSS_SELECTOR, f"#class-{number} textarea, #class-{number} input").send_keys(name)
+        page.upload(browser, f"#photos-{number}", *sorted((teach / name).iterdir()))
+    time.sleep(1)  # the uploads land
+    browser.find_element(By.CSS_SELECTOR, "#teach").click()
+    summary = page.wait_for(lambda: "Held-out photos" in page.text_of(browser, "#taught") and page.text_of(browser, "#taught"), 300)
+    metrics = json.loads((server["work"] / "plots" / "finetune-my-photos" / "metrics.json").read_text())
+    assert f"right class: {metrics['held_out_accuracy']:.1%}" in summary
+    assert (server["base"].with_name("fashion_cnn_my-photos.keras")).exists()
+    screenshot(browser, tmp_path, "page_teach.png")
+
+
+def test_nothing_the_page_loads_comes_from_anywhere_but_the_server(browser: object, server: dict) -> None:
+    assert page.requested_elsewhere(browser, server["url"]) == []
+
+
+def test_the_page_serves_no_file_of_the_machine(server: dict) -> None:
+    import urllib.error
+    import urllib.request
+
+    for path in ("/etc/passwd", str(SCRIPT), str(server["base"])):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{server['url']}gradio_api/file={path}", timeout=10)
+        assert refused.value.code in (403, 404), path
+
+
+def test_ctrl_c_stops_the_server_and_removes_the_uploads(server: dict, browser: object) -> None:
+    proc = server["proc"]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Stopped; the uploaded photos were removed." in out
+    assert not list(server["work"].glob("fashion_cnn_page_*")), "the server's folder of uploads is gone"

@@ -26,6 +26,12 @@ from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE, Settings
 from fashion_cnn.hardware import compute_device, steps_in_a_loop
 
 
+# JAX returns from a call at once and runs it later, so fit() could queue a whole epoch of calls before the first
+# has run, and a Ctrl-C, noticed between calls, would wait for all of them. At most this many calls are queued:
+# the device always has the next one, and the host is never more than a call or two ahead.
+CALLS_IN_FLIGHT = 2
+
+
 class EpochSteps:
     """What fit() iterates over (a keras.utils.PyDataset, joined by on_keras): the steps of an epoch, as many as
     it has batches. Their items are never read: each compiled call knows which steps it runs from Position, so
@@ -97,14 +103,18 @@ def device_steps(cfg: Settings, model: Any, x: np.ndarray, y: np.ndarray, seed: 
     images, labels = (jax.device_put(a, replicated(keras.distribution.distribution())) for a in (x, y))
     order_of = jax.jit(lambda epoch: epoch_order(seed, epoch, len(y)))
     train_calls = jax.jit(training_call(model, cfg, seed, model.steps_per_execution), donate_argnums=0)
-    position = Position(steps)
+    position, in_flight = Position(steps), []
 
     def start_epoch(number: int) -> None:
         position.start_epoch(number, order_of(number))
 
     def train_function(state: Any, _: Iterator[Any]) -> tuple[dict[str, Any], Any]:
         first, count = position.take(model.steps_per_execution)
-        return train_calls(state, images, labels, position.order, *np.int32([position.epoch, first, count]))
+        if len(in_flight) == CALLS_IN_FLIGHT:  # the device still has work queued; wait for the oldest call
+            jax.block_until_ready(in_flight.pop(0))
+        logs, state = train_calls(state, images, labels, position.order, *np.int32([position.epoch, first, count]))
+        in_flight.append(logs)
+        return logs, state
 
     model.train_function = train_function
     start_epoch(0)

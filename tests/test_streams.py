@@ -48,8 +48,8 @@ def jax_device_epochs(cfg: cnn.Config, images: np.ndarray, labels: np.ndarray, s
 
 FEEDS = [pytest.param(tf_data_epochs, marks=pytest.mark.slow, id="tf.data"),  # imports TensorFlow: 10 s or more
          pytest.param(numpy_epochs, id="NumPy"),
-         pytest.param(jax_device_epochs, id="JAX device", marks=pytest.mark.skipif(
-             importlib.util.find_spec("jax") is None, reason="jax is not installed"))]
+         pytest.param(jax_device_epochs, id="JAX device", marks=[pytest.mark.slow, pytest.mark.skipif(  # compiles
+             importlib.util.find_spec("jax") is None, reason="jax is not installed")])]
 
 
 @pytest.mark.slow  # imports TensorFlow: 10 s or more on these CPUs

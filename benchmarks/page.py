@@ -7,8 +7,9 @@ the page in Debian's headless Chromium, drop a photo and time its answer, then t
         --teach ../shared/data/real-clothes-dev --screenshots docs
 
 Prints the answer as the page shows it and as --predict prints it, the seconds from the drop to the answer, the
-held-out figure of teaching as the page shows it and the seconds it took. Needs requirements-dev.txt (Gradio,
-Selenium) and Debian's chromium and chromium-driver. The tests drive the browser through chromium() too.
+held-out figure of teaching as the page shows it and the seconds it took, and what --predict says with the model
+downloaded from the page. Needs requirements-dev.txt (Gradio, Selenium) and Debian's chromium and
+chromium-driver. The tests drive the browser through chromium() too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -144,7 +146,8 @@ def main() -> int:
             dropped = time.perf_counter()
             answer = wait_for(lambda: a.photo.name in text_of(driver, "#answers") and text_of(driver, "#answers"))
             print(f"first answer {time.perf_counter() - dropped:.2f} s after the drop: {answer}")
-            wait_for(lambda: text_of(driver, "#seen"))
+            wait_for(lambda: driver.execute_script(  # the picture of what the network saw, loaded
+                "const img = document.querySelector('#seen img'); return img && img.complete && img.naturalWidth"))
             if a.screenshots:
                 driver.save_screenshot(str(a.screenshots / "page_classify.png"))
             if a.teach:
@@ -159,6 +162,8 @@ def main() -> int:
                 summary = wait_for(lambda: "Held-out photos" in text_of(driver, "#taught") and text_of(
                     driver, "#taught"), 900, 0.5)
                 print(f"taught in {time.perf_counter() - taught:.0f} s: {summary.splitlines()[0]}")
+                link = wait_for(lambda: driver.find_elements("css selector", "#download a[href]"))[0]
+                urllib.request.urlretrieve(link.get_attribute("href"), work / "downloaded.keras")  # as the browser does
                 wait_for(lambda: len(driver.find_elements("css selector", "img")) >= 3)
                 if a.screenshots:
                     driver.execute_script("arguments[0].scrollIntoView()", driver.find_element("css selector", "#zip"))
@@ -172,6 +177,11 @@ def main() -> int:
         printed = subprocess.run([sys.executable, str(SCRIPT), "--predict", str(a.photo), "--model-path", str(model),
                                   "--plots-dir", str(work / "plots")], capture_output=True, text=True, check=False)
         print(f"--predict prints: {printed.stdout.splitlines()[0] if printed.stdout else printed.stderr}")
+        if a.teach:
+            printed = subprocess.run([sys.executable, str(SCRIPT), "--predict", str(a.photo), "--model-path",
+                                      str(work / "downloaded.keras"), "--plots-dir", str(work / "plots")],
+                                     capture_output=True, text=True, check=False)
+            print(f"--predict with the downloaded model: {printed.stdout.splitlines()[0] if printed.stdout else printed.stderr}")
     return 0
 
 

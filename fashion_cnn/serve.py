@@ -257,8 +257,9 @@ class Page:
                 drop = gr.File(file_count="multiple", type="filepath", file_types=sorted(IMAGE_SUFFIXES), elem_id="drop",
                                label=f"Photos of clothes ({PHOTO_SUFFIXES}; up to {MAX_DROP} at once)")
                 answers = gr.Markdown(elem_id="answers")
-                seen = gr.Gallery(label="What the network saw", columns=2, object_fit="contain", height=440,
-                                  elem_id="seen")
+                seen = gr.Gallery(label="What the network saw", preview=True, selected_index=0, object_fit="contain",
+                                  height=460, buttons=["download", "fullscreen"], elem_id="seen")  # one large, the rest
+                # as thumbnails below: each is a wide picture (no "share": it posts to Hugging Face)
                 classify = as_page_call(self.classify)
                 drop.upload(classify, [drop, model], [seen, answers])
                 model.change(lambda files, choice: classify(files, choice) if files else ([], ""), [drop, model],
@@ -278,7 +279,8 @@ class Page:
                 start = gr.Button("Teach", variant="primary", elem_id="teach")
                 summary = gr.Markdown(elem_id="taught")
                 with gr.Row():
-                    curves = [gr.Image(label=label, type="filepath") for label in
+                    curves = [gr.Image(label=label, show_label=False, type="filepath",  # titled in the picture
+                                       buttons=["download", "fullscreen"]) for label in
                               ("Accuracy per epoch", "Loss per epoch", "Held-out confusion matrix")]
                 download = gr.File(label="The taught model, to download (.keras)", elem_id="download")
 

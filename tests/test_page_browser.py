@@ -95,6 +95,40 @@ def test_teaching_two_classes_of_drawn_pictures_shows_the_held_out_accuracy(brow
     screenshot(browser, tmp_path, "page_teach.png")
 
 
+def test_a_second_tab_classifies_while_the_first_teaches(browser: object, server: dict, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    teach = draw_photos(tmp_path / "teach", count=60)  # enough that teaching takes several seconds
+    page.open_tab(browser, "Teach")
+    teaching_tab = browser.current_window_handle
+    for number, name in enumerate(list(FOLDERS)[:2], start=1):
+        field = browser.find_element(By.CSS_SELECTOR, f"#class-{number} textarea, #class-{number} input")
+        field.clear()
+        field.send_keys(name)
+        page.upload(browser, f"#photos-{number}", *sorted((teach / name).iterdir()))
+    named = browser.find_element(By.CSS_SELECTOR, "#name textarea, #name input")
+    named.clear()
+    named.send_keys("two-tabs")
+    time.sleep(1)  # the uploads land
+    browser.find_element(By.CSS_SELECTOR, "#teach").click()
+    photo = tmp_path / "bag.png"
+    Image.fromarray(class_image(8, seed=4)).resize((140, 140)).save(photo)
+    browser.switch_to.new_window("tab")
+    try:
+        browser.get(server["url"])
+        page.wait_for(lambda: page.text_of(browser, "button[role=tab]"))
+        page.open_tab(browser, "Classify")
+        page.upload(browser, "#drop", photo)
+        page.wait_for(lambda: "bag.png" in page.text_of(browser, "#answers"), 60)
+        answered = time.time()
+    finally:
+        browser.close()
+        browser.switch_to.window(teaching_tab)
+    page.wait_for(lambda: "two-tabs" in page.text_of(browser, "#taught"), 300)
+    taught = server["base"].with_name("fashion_cnn_two-tabs.keras")
+    assert taught.stat().st_mtime > answered, "the second tab's answer came while the first tab was still teaching"
+
+
 def test_nothing_the_page_loads_comes_from_anywhere_but_the_server(browser: object, server: dict) -> None:
     assert page.requested_elsewhere(browser, server["url"]) == []
 

@@ -11,12 +11,12 @@ on the 10,000 test images (averaging each over its 1-pixel moves), and writes pl
 metrics, the model and (``--tensorboard``) TensorBoard logs. Several ``--lr`` values run
 the learning-rate study (stopping rates that cannot learn), several ``--seed`` values
 report the mean and spread, ``--ray`` spreads the runs over a Ray cluster; ``--predict``
-classifies your own images, and ``--finetune`` teaches the trained network your own photos.
+classifies your own images, ``--finetune`` teaches the network your photos, ``--serve`` both
+on a page in the browser.
 
 With the defaults it tests above 93.5% (mean over seeds 0-2; the original project: 92%),
-in 7 to 50 minutes a run on a 2-core CPU (AMX to AVX2-only), 73 s on an NVIDIA H200 with
---backend jax. The figures, the machine and commit of each, and how to reproduce it:
-README.md and the dated log docs/RESULTS.md.
+in 7 to 50 minutes a run on a 2-core CPU (AMX to AVX2-only). The figures, the machine and
+commit of each, how to reproduce them: README.md and the dated log docs/RESULTS.md.
 
     python3 ConvolutionalNN.py                                   # default run
     python3 ConvolutionalNN.py --data-dir ~/fashion-mnist        # offline
@@ -24,11 +24,11 @@ README.md and the dated log docs/RESULTS.md.
     python3 ConvolutionalNN.py --seeds 0 1 2                     # mean ± std over seeds
     python3 ConvolutionalNN.py --predict shoe.jpg shirt.heic     # classify your images
     python3 ConvolutionalNN.py --finetune my-clothes/            # teach it your photos, a folder a class
-    python3 ConvolutionalNN.py --help                            # every flag
+    python3 ConvolutionalNN.py --serve                           # the same on a page: http://127.0.0.1:7860
 
 This file is the story of a run, top to bottom: settings, main, data, model, training,
 testing and outputs. Each other capability (the study, --predict and its photo reading,
---finetune, --resume's journal, Ray, precision and devices, the batch streams) is a module
+--finetune, --serve, --resume's journal, Ray, precision and devices, the batches) is a module
 of the package beside it, fashion_cnn/, imported when its flag asks for it (CONTRIBUTING.md).
 """
 

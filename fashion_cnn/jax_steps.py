@@ -25,7 +25,6 @@ from fashion_cnn.backends import import_keras, on_keras
 from fashion_cnn.common import CLASS_NAMES, IMAGE_SIDE, Settings
 from fashion_cnn.hardware import compute_device, steps_in_a_loop
 
-
 # JAX returns from a call at once and runs it later, so fit() could queue a whole epoch of calls before the first
 # has run, and a Ctrl-C, noticed between calls, would wait for all of them. At most this many calls are queued:
 # the device always has the next one, and the host is never more than a call or two ahead.

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,10 @@ import pytest
 import ConvolutionalNN as cnn
 from fashion_cnn import data_files
 
+# A shell that starts the tests in the background (`cmd &`, no job control) makes them ignore SIGINT, and the
+# programs they start would inherit that: the tests of Ctrl-C need it to act as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # JAX keeps what it compiles between runs (fashion_cnn.backends); the tests' runs share one cache of their own,
 # removed by the process that made it
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

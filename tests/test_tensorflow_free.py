@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,10 +80,13 @@ def test_jax_trains_tests_and_writes_every_output_without_tensorflow(jax_run: di
 def test_an_interrupted_jax_run_resumes_to_exactly_the_same_end(tmp_path: Path, data_dir: Path, jax_run: dict) -> None:
     flags = jax_flags(tmp_path, data_dir)
     stopped = stop_in_epoch(flags, 2, signal.SIGINT, total=3, env=WITHOUT_TENSORFLOW)
-    assert stopped.returncode == 130 and "Interrupted after 1 of 3 epochs" in stopped.stderr
+    # An epoch of this small network is one compiled call: the signal stops the run before the call it comes
+    # during, or (come while it starts) after it, at the end of epoch 2.
+    done = re.search(r"Interrupted after (\d) of 3 epochs", stopped.stderr)
+    assert stopped.returncode == 130 and done and done[1] in ("1", "2"), stopped.stderr
     resumed = run_without_tensorflow(*flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming after epoch 1 of 3" in resumed.stdout
+    assert f"Resuming after epoch {done[1]} of 3" in resumed.stdout
     metrics = json.loads((tmp_path / "plots" / "metrics.json").read_text())
     for key in ("loss", "val_loss", "val_accuracy"):
         np.testing.assert_allclose(metrics["history"][key], jax_run["metrics"]["history"][key], rtol=1e-5,

@@ -43,10 +43,12 @@ epoch measured anything from 745 to 1,419 images/s.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -212,8 +214,9 @@ def program_epochs(variant: str, cfg: cnn.Config, data: cnn.Dataset, model: obje
     included, or a warm-up of `steps` steps that compiles what the epochs run."""
     keras = backends.import_keras()
     batches, start_epoch = program_batches(variant, cfg, data, model)
-    keeper = backends.on_keras(cnn.RunKeeper, "callbacks.Callback")(
-        journal.RunState({}), Path(tempfile.mkdtemp(prefix="throughput_")), start_epoch, [], False)
+    folder = Path(tempfile.mkdtemp(prefix="throughput_"))  # the keeper's and BackupAndRestore's saves
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    keeper = backends.on_keras(cnn.RunKeeper, "callbacks.Callback")(journal.RunState({}), folder, start_epoch, [], False)
     y_val = keras.utils.to_categorical(data.y_val, len(common.CLASS_NAMES))
 
     def train(epoch: int, steps: int | None) -> None:

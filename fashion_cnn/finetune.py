@@ -112,7 +112,7 @@ def class_folders(folder: Path, named: str = "") -> tuple[dict[str, list[Path]],
     """The image files of each class folder, by class name; and what was passed over. One line naming the problem
     and the fix for a folder that is missing, empty, of one class, or with a class of too few photos (named: how
     the messages call the folder; default --finetune FOLDER)."""
-    named = named or f"--finetune {folder}"
+    named = named or default_name(folder)
     layout = f"put each class's photos in a folder of its own inside it ({folder}/shirt/, {folder}/shoes/, ...)"
     if not folder.is_dir():
         what = "a file, not a folder" if folder.exists() else "no such folder"
@@ -134,6 +134,11 @@ def class_folders(folder: Path, named: str = "") -> tuple[dict[str, list[Path]],
                                                     for p in entries)
     check_class_sizes({name: len(paths) for name, paths in files.items()}, named)
     return files, ignored
+
+
+def default_name(folder: Path) -> str:
+    """How the messages call the folder of class folders where the caller names it no other way."""
+    return f"--finetune {folder}"
 
 
 def check_class_sizes(sizes: dict[str, int], named: str) -> None:
@@ -169,7 +174,7 @@ def read_class_photos(class_files: dict[str, list[Path]], ignored: dict[str, int
             images.append(seen.pixels)
             labels.append(label)
         (progress or show_progress)(done, len(paths))
-    check_class_sizes({name: labels.count(k) for k, name in enumerate(class_files)}, named or f"--finetune {folder}")
+    check_class_sizes({name: labels.count(k) for k, name in enumerate(class_files)}, named or default_name(folder))
     passed_over = ", ".join(f"{n} {what}" for what, n in ignored.items() if n)
     print(f"Photos: {len(labels)} in {len(class_files)} classes ({', '.join(class_files)})"
           + (f"; ignored: {passed_over}" if passed_over else "")

@@ -54,6 +54,23 @@ def screenshot(driver: object, folder: Path, name: str) -> None:
         driver.save_screenshot(str(Path(os.environ["PAGE_SCREENSHOTS"]) / name))
 
 
+def start_teaching(driver: object, teach: Path, name: str) -> None:
+    """On the Teach tab, name two classes of FOLDERS, drop their photos from teach into them, name the model and
+    press Teach."""
+    from selenium.webdriver.common.by import By
+
+    page.open_tab(driver, "Teach")
+    fields = [(f"#class-{number}", label) for number, label in enumerate(list(FOLDERS)[:2], start=1)]
+    for selector, text in [*fields, ("#name", name)]:
+        field = driver.find_element(By.CSS_SELECTOR, f"{selector} textarea, {selector} input")
+        field.clear()
+        field.send_keys(text)
+    for number, label in enumerate(list(FOLDERS)[:2], start=1):
+        page.upload(driver, f"#photos-{number}", *sorted((teach / label).iterdir()))
+    time.sleep(1)  # the uploads land
+    driver.find_element(By.CSS_SELECTOR, "#teach").click()
+
+
 def test_a_dropped_photo_gets_the_class_and_probability_predict_prints(browser: object, server: dict,
                                                                       tmp_path: Path) -> None:
     photo = tmp_path / "boot.png"
@@ -79,15 +96,7 @@ def test_a_broken_file_is_a_message_and_the_page_goes_on(browser: object, server
 
 def test_teaching_two_classes_of_drawn_pictures_shows_the_held_out_accuracy(browser: object, server: dict,
                                                                            tmp_path: Path) -> None:
-    from selenium.webdriver.common.by import By
-
-    teach = draw_photos(tmp_path / "teach")
-    page.open_tab(browser, "Teach")
-    for number, name in enumerate(list(FOLDERS)[:2], start=1):
-        browser.find_element(By.CSS_SELECTOR, f"#class-{number} textarea, #class-{number} input").send_keys(name)
-        page.upload(browser, f"#photos-{number}", *sorted((teach / name).iterdir()))
-    time.sleep(1)  # the uploads land
-    browser.find_element(By.CSS_SELECTOR, "#teach").click()
+    start_teaching(browser, draw_photos(tmp_path / "teach"), "my-photos")
     summary = page.wait_for(lambda: "Held-out photos" in page.text_of(browser, "#taught") and page.text_of(browser, "#taught"), 300)
     metrics = json.loads((server["work"] / "plots" / "finetune-my-photos" / "metrics.json").read_text())
     assert f"right class: {metrics['held_out_accuracy']:.1%}" in summary
@@ -96,21 +105,8 @@ def test_teaching_two_classes_of_drawn_pictures_shows_the_held_out_accuracy(brow
 
 
 def test_a_second_tab_classifies_while_the_first_teaches(browser: object, server: dict, tmp_path: Path) -> None:
-    from selenium.webdriver.common.by import By
-
-    teach = draw_photos(tmp_path / "teach", count=60)  # enough that teaching takes several seconds
-    page.open_tab(browser, "Teach")
     teaching_tab = browser.current_window_handle
-    for number, name in enumerate(list(FOLDERS)[:2], start=1):
-        field = browser.find_element(By.CSS_SELECTOR, f"#class-{number} textarea, #class-{number} input")
-        field.clear()
-        field.send_keys(name)
-        page.upload(browser, f"#photos-{number}", *sorted((teach / name).iterdir()))
-    named = browser.find_element(By.CSS_SELECTOR, "#name textarea, #name input")
-    named.clear()
-    named.send_keys("two-tabs")
-    time.sleep(1)  # the uploads land
-    browser.find_element(By.CSS_SELECTOR, "#teach").click()
+    start_teaching(browser, draw_photos(tmp_path / "teach", count=60), "two-tabs")  # several seconds of teaching
     photo = tmp_path / "bag.png"
     Image.fromarray(class_image(8, seed=4)).resize((140, 140)).save(photo)
     browser.switch_to.new_window("tab")
